@@ -1,0 +1,89 @@
+"""The autograd bridge: a torch.autograd.Function whose backward is TSAdjoint.
+
+Forward runs the PETSc TS under no_grad (or, with ``memory="graphs"``, keeping
+each stage's autograd graph); backward runs PETSc's discrete adjoint through
+the same steps, so the gradient is the exact derivative of the discrete
+solution the forward computed (reverse-accurate), for ``y0`` and every
+parameter.
+"""
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ._rhs import RHS, Tape
+
+
+class Run:
+    """One call of odeint: the problem, its solver, and what backward needs."""
+
+    def __init__(self, solver, func, params, y0, times, config, stats):
+        self.solver = solver
+        self.func = func
+        self.params = params
+        self.shape = y0.shape
+        self.dtype = y0.dtype
+        self.device = y0.device
+        self.sign = 1.0 if times[-1] > times[0] else -1.0
+        self.times = [self.sign * s for s in times]   # increasing, PETSc's time variable
+        self.config = config
+        self.stats = stats
+        self.y0 = None
+
+    def _rhs(self, tape):
+        return RHS(self.func, self.params, self.shape, self.dtype, self.device, self.sign, self.stats, tape)
+
+    def forward(self, y0, need_grad):
+        """Integrate; with need_grad, keep what the backward needs."""
+        self.y0 = y0.detach().reshape(-1).to(dtype=torch.float64, device="cpu")
+        self.tape = Tape() if need_grad and self.config.memory == "graphs" else None
+        self.stats.method = self.config.method.name
+        self.stats.memory = self.config.memory
+        self.stats.rhs_evals = 0
+        self.stats.reset_backward()
+        rhs = self._rhs(self.tape)
+        try:
+            ys = self.solver.forward(rhs, self.y0, self.times, owner=self if need_grad else None)
+        finally:
+            self.solver.rhs = None
+        return ys.to(dtype=self.dtype, device=self.device).reshape(len(self.times), *self.shape)
+
+    def backward(self, grad_ys):
+        solver = self.solver
+        if solver.trajectory_owner is not self:
+            # Another forward overwrote the trajectory, or a first backward consumed it
+            # (retain_graph): recompute the forward so the adjoint sees this run's steps.
+            rhs_evals = self.stats.rhs_evals
+            self.tape = Tape() if self.config.memory == "graphs" else None
+            solver.forward(self._rhs(self.tape), self.y0, self.times, owner=self)
+            self.stats.recomputed_steps += self.stats.steps
+            self.stats.recomputed_rhs += self.stats.rhs_evals - rhs_evals
+            self.stats.rhs_evals = rhs_evals
+        g = grad_ys.detach().reshape(len(self.times), -1).to(dtype=torch.float64, device="cpu")
+        try:
+            grad_y0, grad_p = solver.backward(self._rhs(self.tape), g)
+        finally:
+            solver.rhs = None
+            self.tape = None
+        grad_y0 = grad_y0.to(dtype=self.dtype, device=self.device).reshape(self.shape)
+        grads = []
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            grads.append(grad_p[offset:offset + n].to(dtype=p.dtype, device=p.device).view_as(p))
+            offset += n
+        return grad_y0, grads
+
+
+class PnodeFunction(torch.autograd.Function):
+    """ys = ODESolve(y0, params); backward by PETSc TSAdjoint."""
+
+    @staticmethod
+    def forward(ctx, run, y0, *params):
+        ctx.run = run
+        return run.forward(y0, need_grad=True)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_ys):
+        grad_y0, grad_params = ctx.run.backward(grad_ys)
+        return (None, grad_y0, *grad_params)

@@ -1,0 +1,119 @@
+"""The public entry points: ``odeint`` (torchdiffeq-compatible) and ``NeuralODE``."""
+
+import weakref
+
+import torch
+from torch import nn
+
+from ._bridge import PnodeFunction, Run
+from ._options import check_time, check_y0, make_config
+from ._solver import Solver
+from ._stats import Stats
+
+
+def _parameters(func, adjoint_params):
+    if adjoint_params is None:
+        if not isinstance(func, nn.Module):
+            raise ValueError("func is not an nn.Module, so pnode cannot find its parameters: pass "
+                             "adjoint_params=(tensors to differentiate), or adjoint_params=() if none")
+        adjoint_params = tuple(func.parameters())
+    params, seen = [], set()
+    for p in adjoint_params:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"adjoint_params must hold tensors, got {type(p).__name__}")
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+    return params
+
+
+class _SolverCache:
+    """Solvers keyed by what their PETSc objects depend on, so calls reuse them."""
+
+    def __init__(self):
+        self.solvers = {}
+
+    def get(self, config, n, n_params):
+        key = (config.solver_key(), n, n_params)
+        solver = self.solvers.get(key)
+        if solver is None:
+            solver = self.solvers[key] = Solver(config, n, n_params)
+        solver.config = config
+        return solver
+
+
+# odeint(func, ...) keeps its PETSc objects alive as long as func lives.
+_caches = weakref.WeakKeyDictionary()
+
+
+def _cache_for(func):
+    try:
+        return _caches.setdefault(func, _SolverCache())
+    except TypeError:  # func cannot be weakly referenced: no reuse across calls
+        return _SolverCache()
+
+
+def _integrate(cache, func, y0, t, config, params, stats):
+    check_y0(y0)
+    times = check_time(t, y0)
+    solver = cache.get(config, y0.numel(), sum(p.numel() for p in params))
+    run = Run(solver, func, params, y0, times, config, stats)
+    if torch.is_grad_enabled() and (y0.requires_grad or params):
+        return PnodeFunction.apply(run, y0, *params)
+    return run.forward(y0, need_grad=False)
+
+
+def odeint(func, y0, t, *, method="dopri5", rtol=1e-7, atol=1e-9, options=None,
+           adjoint_params=None, petsc_options=None, return_stats=False):
+    """Solve dy/dt = func(t, y) from y(t[0]) = y0 and return y at every time in ``t``.
+
+    A drop-in for ``torchdiffeq.odeint`` / ``odeint_adjoint``: returns a tensor of
+    shape ``(len(t), *y0.shape)``; gradients w.r.t. ``y0`` and the parameters come
+    from PETSc's discrete adjoint and are the exact derivative of the computed
+    discrete solution.
+
+    Args:
+        func: ``nn.Module`` or callable ``f(t, y)`` returning dy/dt shaped like ``y``.
+        y0: initial state, any shape, float32 or float64.
+        t: 1-D tensor of strictly increasing or strictly decreasing output times.
+        method: one of ``pnode.METHODS`` (for example ``"dopri5"``, ``"rk4"``, ``"beuler"``).
+        rtol, atol: tolerances of adaptive methods.
+        options: ``step_size``, ``first_step``, ``max_num_steps``, ``max_rejections``,
+            ``memory`` (``"graphs"``: keep each stage's autograd graph, fastest;
+            ``"states"``: keep states only and recompute f in the backward), ``theta``.
+        adjoint_params: tensors to differentiate when ``func`` is not an ``nn.Module``.
+        petsc_options: expert PETSc options for this solve, e.g. ``{"ts_adapt_type": "dsp"}``.
+        return_stats: also return a :class:`pnode.Stats` (filled in by backward too).
+    """
+    config = make_config(method, rtol, atol, options, petsc_options)
+    params = _parameters(func, adjoint_params)
+    stats = Stats()
+    ys = _integrate(_cache_for(func), func, y0, t, config, params, stats)
+    return (ys, stats) if return_stats else ys
+
+
+odeint_adjoint = odeint
+
+
+class NeuralODE(nn.Module):
+    """``nn.Module`` wrapper that builds the PETSc TS, Vecs and Mats once and reuses them.
+
+    ``NeuralODE(func, method="dopri5", ...)(y0, t)`` returns ``odeint(func, y0, t, ...)``;
+    ``.stats`` describes the last call (and its backward).
+    """
+
+    def __init__(self, func, method="dopri5", rtol=1e-7, atol=1e-9, options=None,
+                 petsc_options=None):
+        super().__init__()
+        self.func = func
+        self.config = make_config(method, rtol, atol, options, petsc_options)
+        self.stats = Stats()
+        self._cache = _SolverCache()
+
+    def forward(self, y0, t):
+        return _integrate(self._cache, self.func, y0, t, self.config,
+                          _parameters(self.func, None), self.stats)
+
+    def extra_repr(self):
+        c = self.config
+        return f"method={c.method.name!r}, rtol={c.rtol}, atol={c.atol}, memory={c.memory!r}"

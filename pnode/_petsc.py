@@ -1,0 +1,53 @@
+"""Importing and initialising petsc4py, with the version pnode needs.
+
+PETSc before 3.21.4 computes wrong parameter gradients for Runge-Kutta stages
+whose weight b_i is zero (dopri5's last stage, the midpoint method), so older
+versions are refused at import rather than returning silently wrong gradients.
+"""
+
+import sys
+
+MIN_VERSION = (3, 21, 4)
+INSTALL_HINT = ("run scripts/setup.sh (it builds PETSc 3.26.1 from PyPI), or "
+                "`pip install petsc==3.26.1` then `pip install petsc4py==3.26.1`")
+
+
+def _parse(version):
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+try:
+    import petsc4py
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    raise ImportError(f"pnode needs petsc4py >= {'.'.join(map(str, MIN_VERSION))}, "
+                      f"which is not installed: {INSTALL_HINT}") from exc
+
+if _parse(petsc4py.__version__) < MIN_VERSION:
+    raise ImportError(
+        f"pnode needs petsc4py >= {'.'.join(map(str, MIN_VERSION))}, found {petsc4py.__version__}: "
+        "PETSc before 3.21.4 computes wrong parameter gradients for Runge-Kutta stages with "
+        f"b_i = 0 (dopri5, midpoint). To upgrade, {INSTALL_HINT}")
+
+if "petsc4py.PETSc" not in sys.modules:  # a user who called petsc4py.init(args) keeps their args
+    petsc4py.init(sys.argv[:1])
+from petsc4py import PETSc  # noqa: E402
+import numpy as np  # noqa: E402
+
+PETSC_VERSION = PETSc.Sys.getVersion()
+if PETSC_VERSION < MIN_VERSION:
+    raise ImportError(
+        f"pnode needs PETSc >= {'.'.join(map(str, MIN_VERSION))}, petsc4py is linked against "
+        f"{'.'.join(map(str, PETSC_VERSION))}: PETSc before 3.21.4 computes wrong parameter "
+        f"gradients for Runge-Kutta stages with b_i = 0 (dopri5, midpoint). {INSTALL_HINT}")
+
+if np.dtype(PETSc.ScalarType).kind == "c":
+    raise ImportError("pnode needs a real-valued PETSc build (PetscScalar is complex here); "
+                      f"{INSTALL_HINT}")
+
+# PETSc's own message (for example a rejected option value) is otherwise
+# swallowed by petsc4py; the traceback handler prints it next to the Python error.
+PETSc.Sys.pushErrorHandler("traceback")

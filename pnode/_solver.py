@@ -1,0 +1,227 @@
+"""A PETSc TS with its vectors, shells and callbacks, reused across calls.
+
+``Solver.forward`` integrates from ``y0`` through the output times and keeps
+PETSc's in-memory trajectory; ``Solver.backward`` runs TSAdjoint segment by
+segment between output times, adding ``dL/dy(t_i)`` to the adjoint at each
+output time, and returns ``dL/dy0`` and ``dL/dp``.
+
+Adaptive steps: the adjoint differentiates the accepted steps of the forward
+solve; the step-size controller itself is not differentiated (as in ACA and
+PNODE), so the gradient is the exact derivative of the discrete solution that
+was computed.
+"""
+
+import time as _time
+
+import torch
+
+from ._errors import NonFiniteError, PnodeError, SolverError
+from ._initial_step import initial_step
+from ._petsc import PETSc
+from ._shells import ParamJacobian, StateJacobian
+from ._ts_builder import apply_options, build_ts
+
+_REASONS = {getattr(PETSc.TS.ConvergedReason, name): name
+            for name in dir(PETSc.TS.ConvergedReason) if name.isupper() or name.startswith("CONVERGED")
+            or name.startswith("DIVERGED")}
+
+
+def reason_name(code):
+    return _REASONS.get(code, str(code))
+
+
+class Solver:
+    """Owns one TS configured for one (method, state size, parameter count)."""
+
+    def __init__(self, config, n, n_params, comm=None):
+        self.config = config
+        self.n = n
+        self.n_params = n_params
+        self.comm = comm if comm is not None else PETSc.COMM_SELF
+        self.rhs = None
+        self._views = {}
+        self._pcache = None
+        self.J = StateJacobian(self)
+        self.Jp = ParamJacobian(self) if n_params else None
+        self.ts, self.u, self.lam, self.mu = build_ts(self, config, n, n_params, self.comm)
+        self.u_view = self.view(self.u)
+        self.lam_view = self.view(self.lam)
+        self.mu_view = self.view(self.mu) if n_params else None
+        self.trajectory_owner = None   # the run whose trajectory the TS holds
+        self._has_trajectory = True    # build_ts sets one up
+        self._trajectory_dirty = False
+        self._step_times = []
+
+    # -- Vec <-> tensor ---------------------------------------------------------------
+    def view(self, vec):
+        """A torch tensor sharing the Vec's memory (DLPack, zero-copy).
+
+        Cached per Vec object id: PETSc's work vectors live as long as the TS,
+        and object ids are never reused, unlike addresses.
+        """
+        key = vec.getId()
+        t = self._views.get(key)
+        if t is None:
+            # 'r' because PETSc read-locks callback inputs; the memory is the same and
+            # every write through a view is followed by stateIncrease().
+            t = torch.from_dlpack(vec.toDLPack("r"))
+            self._views[key] = t
+        return t
+
+    # -- TS callbacks -------------------------------------------------------------------
+    def rhs_function(self, ts, s, u, F):
+        out = self.view(F)
+        self.rhs.evaluate(s, self.view(u), out, ts.getStepNumber(), u.getId())
+        F.stateIncrease()
+
+    def rhs_jacobian(self, ts, s, u, J, P):
+        self.J.point.set(s, u, ts.getStepNumber())
+
+    def rhs_jacobian_p(self, ts, s, u, Jp):
+        self.Jp.point.set(s, u, ts.getStepNumber())
+
+    def post_step(self, ts):
+        s = ts.getTime()
+        self._step_times.append(s)
+        if not bool(torch.isfinite(self.u_view).all()):
+            raise NonFiniteError("NaN or Inf in the state", phase="forward", time=self.rhs.sign * s,
+                                 step=ts.getStepNumber(), step_size=ts.getTimeStep(),
+                                 hint="reduce the step size or rtol/atol, or check func for overflow")
+
+    # -- products for the shells ----------------------------------------------------------
+    def jvp(self, point, x, y):
+        jv = self.rhs.jvp(point.time, self.view(point.vec), self.view(x))
+        self.view(y).copy_(jv.reshape(-1))
+        y.stateIncrease()
+
+    def state_vjp(self, point, x, y):
+        want_p = self.n_params > 0
+        gy, gp = self.rhs.vjp(point.time, self.view(point.vec), self.view(x), want_p,
+                              point.step, point.vec.getId())
+        self.rhs.write_grad(gy, self.view(y))
+        y.stateIncrease()
+        self._pcache = (point.key, x.getId(), x.stateGet(), gp) if want_p else None
+
+    def param_vjp(self, point, x, y):
+        c = self._pcache
+        self._pcache = None
+        if c is not None and c[0] == point.key and c[1] == x.getId() and c[2] == x.stateGet():
+            gp = c[3]
+        else:
+            _, gp = self.rhs.vjp(point.time, self.view(point.vec), self.view(x), True,
+                                 point.step, point.vec.getId())
+        self.rhs.write_param_grads(gp, self.view(y))
+        y.stateIncrease()
+
+    # -- solves ---------------------------------------------------------------------------
+    def _first_step(self, times, y0):
+        cfg = self.config
+        span = times[-1] - times[0]
+        if cfg.fixed:
+            return cfg.step_size if cfg.step_size is not None else min(
+                b - a for a, b in zip(times[:-1], times[1:]))
+        if cfg.first_step is not None:
+            return cfg.first_step
+        with torch.no_grad():
+            def f(s, y):
+                out = torch.empty_like(y)
+                self.rhs.evaluate(s, y, out)
+                return out
+            return initial_step(f, times[0], y0.clone(), cfg.method.order, cfg.rtol, cfg.atol, span)
+
+    def forward(self, rhs, y0_flat, times, owner):
+        """Integrate; return the states at ``times`` as a (len(times), n) tensor."""
+        self.rhs = rhs
+        ts = self.ts
+        self._pcache = None
+        start = _time.perf_counter()
+        self.u_view.copy_(y0_flat)
+        self.u.stateIncrease()
+        ts.setTime(times[0])
+        ts.setStepNumber(0)
+        ts.setMaxTime(times[-1])
+        ts.setMaxSteps(self.config.max_num_steps)
+        ts.setTimeStep(self._first_step(times, self.u_view))
+        ts.setEvaluationTimes(times)
+        self._prepare_trajectory(owner is not None)
+        self.trajectory_owner = owner
+        self._step_times = [times[0]]
+        self._run(ts.solve, self.u, phase="forward")
+        reason = ts.getConvergedReason()
+        if reason < 0:
+            raise self._failure("the time integrator stopped", "forward", reason)
+        sol_times, sols = ts.getEvaluationSolutions()
+        if len(sols) != len(times):
+            raise SolverError(f"reached {len(sols)} of {len(times)} output times", phase="forward",
+                              time=rhs.sign * ts.getTime(), step=ts.getStepNumber(),
+                              hint="raise options['max_num_steps']")
+        index = {s: i for i, s in enumerate(self._step_times)}
+        self.output_steps = [index[float(s)] for s in sol_times]
+        ys = torch.stack([self.view(v).clone() for v in sols])
+        st = rhs.stats
+        st.steps = ts.getStepNumber()
+        st.rejected_steps = ts.getStepRejections()
+        st.newton_iterations = ts.getSNESIterations()
+        st.krylov_iterations = ts.getKSPIterations()
+        st.step_times = [rhs.sign * s for s in self._step_times]
+        st.forward_seconds = _time.perf_counter() - start
+        return ys
+
+    def _prepare_trajectory(self, wanted):
+        ts = self.ts
+        if self._has_trajectory and (self._trajectory_dirty or not wanted):
+            # An unconsumed trajectory (no adjoint ran) must not leak into the next solve.
+            ts.removeTrajectory()
+            self._has_trajectory = False
+        if wanted and not self._has_trajectory:
+            ts.setSaveTrajectory()
+            apply_options(ts)
+            self._has_trajectory = True
+        self._trajectory_dirty = wanted
+
+    def backward(self, rhs, grad_ys):
+        """Given dL/dy(t_i) as a (len(times), n) tensor, return (dL/dy0, dL/dp)."""
+        self.rhs = rhs
+        ts = self.ts
+        start = _time.perf_counter()
+        self.lam_view.copy_(grad_ys[-1])
+        self.lam.stateIncrease()
+        if self.n_params:
+            self.mu_view.zero_()
+            self.mu.stateIncrease()
+        steps = self.output_steps
+        for i in range(len(steps) - 1, 0, -1):
+            ts.adjointSetSteps(steps[i] - steps[i - 1])
+            self._run(ts.adjointSolve, phase="backward")
+            if not bool(torch.isfinite(self.lam_view).all()):
+                raise NonFiniteError("NaN or Inf in the adjoint", phase="backward",
+                                     time=rhs.sign * ts.getTime(), step=ts.getStepNumber(),
+                                     hint="the loss gradient or the Jacobian of func overflows")
+            self.lam_view.add_(grad_ys[i - 1])
+            self.lam.stateIncrease()
+        # PETSc's memory trajectory resets itself when the adjoint reaches step 0.
+        self.trajectory_owner = None
+        self._trajectory_dirty = False
+        self._pcache = None
+        rhs.stats.backward_seconds = _time.perf_counter() - start
+        grad_p = self.mu_view.clone() if self.n_params else None
+        return self.lam_view.clone(), grad_p
+
+    def _run(self, call, *args, phase):
+        try:
+            call(*args)
+        except PnodeError:
+            raise
+        except PETSc.Error as exc:
+            raise self._failure(f"PETSc error {exc.ierr}", phase, self.ts.getConvergedReason()) from exc
+
+    def _failure(self, message, phase, reason):
+        ts = self.ts
+        hints = {
+            "DIVERGED_STEP_REJECTED": "too many rejected steps: loosen rtol/atol or set options['first_step']",
+            "DIVERGED_NONLINEAR_SOLVE": "Newton failed: reduce the step size or pass petsc_options for SNES",
+            "DIVERGED_MAX_STEPS": "raise options['max_num_steps']",
+        }
+        name = reason_name(reason)
+        return SolverError(message, phase=phase, time=self.rhs.sign * ts.getTime(), step=ts.getStepNumber(),
+                           step_size=ts.getTimeStep(), reason=name, hint=hints.get(name))

@@ -1,0 +1,47 @@
+"""Per-call statistics: what the forward and backward solves cost."""
+
+from dataclasses import dataclass, field, fields
+from typing import List
+
+
+@dataclass
+class Stats:
+    """Counters and timings of the last forward (and its backward).
+
+    ``step_times`` holds the accepted step boundaries t_0 < ... < t_N of the
+    forward solve in the user's time variable (so a reference implementation
+    can replay exactly the steps pnode took).
+    """
+
+    method: str = ""
+    memory: str = ""
+    steps: int = 0
+    rejected_steps: int = 0
+    rhs_evals: int = 0
+    newton_iterations: int = 0
+    krylov_iterations: int = 0
+    vjps: int = 0
+    recomputed_rhs: int = 0
+    recomputed_steps: int = 0
+    checkpoints: int = 0
+    peak_checkpoint_bytes: int = 0
+    graph_bytes: int = 0
+    forward_seconds: float = 0.0
+    backward_seconds: float = 0.0
+    step_times: List[float] = field(default_factory=list)
+
+    def reset_backward(self):
+        self.vjps = 0
+        self.recomputed_rhs = 0
+        self.recomputed_steps = 0
+        self.backward_seconds = 0.0
+
+    def as_dict(self):
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def __str__(self):
+        return (f"{self.method}: {self.steps} steps ({self.rejected_steps} rejected), "
+                f"{self.rhs_evals} f evals, {self.vjps} VJPs, "
+                f"{self.recomputed_rhs} f recomputed, "
+                f"forward {self.forward_seconds * 1e3:.1f} ms, "
+                f"backward {self.backward_seconds * 1e3:.1f} ms")
