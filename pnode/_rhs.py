@@ -105,12 +105,19 @@ class RHS:
         if self.sign < 0:
             out_flat.neg_()
 
-    def evaluate(self, s, y_flat, out_flat, step=None, handle=None):
-        """out = sign * f(sign * s, y); with a tape, keep the graph for the backward."""
+    def value(self, s, y_flat):
+        """f(sign * s, y) without a graph, shaped like y (the initial-step heuristic uses it too)."""
+        with torch.no_grad():
+            return self._call(s, self._model_input(y_flat, copy=False))
+
+    def evaluate(self, s, y_flat, out_flat, ts, u):
+        """out = sign * f(sign * s, y); with a tape, keep the graph for the backward.
+
+        ``ts`` and ``u`` (the TS and the input Vec) name the stage for the tape.
+        """
         self.stats.rhs_evals += 1
         if self.tape is None:
-            with torch.no_grad():
-                out = self._call(s, self._model_input(y_flat, copy=False))
+            out = self.value(s, y_flat)
         else:
             # A private copy: PETSc overwrites its stage vectors, the graph must not see that.
             y_in = self._model_input(y_flat, copy=True).requires_grad_()
@@ -118,7 +125,7 @@ class RHS:
                 else y_flat.clone()
             with torch.enable_grad():
                 out = self._call(s, y_in)
-            self.tape.record(step, handle, s, y_ref, y_in, out)
+            self.tape.record(ts.getStepNumber(), u.getId(), s, y_ref, y_in, out)
             out = out.detach()
         self._store(out, out_flat)
 
@@ -161,12 +168,10 @@ class RHS:
         else:
             out_flat.copy_(g.reshape(-1))
 
-    def write_param_grads(self, grads, out_flat):
-        offset = 0
-        for p, g in zip(self.params, grads):
-            n = p.numel()
+    @staticmethod
+    def write_param_grads(grads, out_views):
+        for view, g in zip(out_views, grads):
             if g is None:
-                out_flat[offset:offset + n].zero_()
+                view.zero_()
             else:
-                out_flat[offset:offset + n].copy_(g.reshape(-1))
-            offset += n
+                view.copy_(g)
