@@ -1,0 +1,44 @@
+"""Shared test problems and comparison helpers."""
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    """A nonlinear, time-dependent right-hand side acting sample by sample on a batch."""
+
+    def __init__(self, dim=3, hidden=8, seed=0, scale=1.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.l1 = nn.Linear(dim + 1, hidden)
+        self.l2 = nn.Linear(hidden, dim)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 * scale)
+        self.double()
+
+    def forward(self, t, y):
+        tt = t.expand(*y.shape[:-1], 1)
+        return self.l2(torch.tanh(self.l1(torch.cat([y, torch.sin(tt)], -1)))) - 0.1 * y
+
+
+def loss_fn(ys, seed=1):
+    """A loss that depends nonlinearly on every output time."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(ys.shape, generator=g, dtype=torch.float64).to(ys.dtype)
+    return (w * ys).sum() + 0.5 * (ys ** 2).sum()
+
+
+def rel_err(a, b):
+    a, b = a.detach().double().reshape(-1), b.detach().double().reshape(-1)
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def grads(loss, inputs):
+    return torch.autograd.grad(loss, inputs)
+
+
+def output_rows(step_times, t):
+    """Indices of the output times among the step boundaries (they coincide up to rounding)."""
+    st = torch.tensor(step_times, dtype=torch.float64)
+    return [int(torch.argmin((st - float(ti)).abs())) for ti in t]
