@@ -26,8 +26,8 @@ def _rk(name, subtype, order, embedded, description):
     return Method(name, "rk", subtype, order, "explicit", embedded, description=description)
 
 
-def _imex(name, subtype, order, description):
-    return Method(name, "arkimex", subtype, order, "imex", True, description=description)
+def _imex(name, subtype, order, description, embedded=True):
+    return Method(name, "arkimex", subtype, order, "imex", embedded, description=description)
 
 
 _TABLE = [
@@ -42,26 +42,26 @@ _TABLE = [
     _rk("dopri5", "5dp", 5, True, "Dormand-Prince 5(4), FSAL"),
     _rk("bs5", "5bs", 5, True, "Bogacki-Shampine 5(4), FSAL"),
     _rk("verner6", "6vr", 6, True, "Verner 6(5), FSAL"),
-    _rk("verner7", "7vr", 7, True, "Verner 7(6), FSAL"),
-    _rk("verner8", "8vr", 8, True, "Verner 8(7), FSAL"),
+    _rk("verner7", "7vr", 7, True, "Verner 7(6)"),
+    _rk("verner8", "8vr", 8, True, "Verner 8(7)"),
     Method("beuler", "theta", None, 1, "implicit", False, theta=1.0,
            description="backward Euler (theta = 1)"),
     Method("cn", "theta", None, 2, "implicit", False, theta=0.5, endpoint=True,
            description="Crank-Nicolson (theta = 0.5, endpoint form)"),
     Method("theta", "theta", None, 2, "implicit", False, theta=0.5,
            description="theta method (midpoint form), theta set by options['theta']"),
-    _imex("arkimex", "l2", 2, "ARKIMEX, PETSc's default L-stable 2nd-order tableau (l2)"),
-    _imex("arkimex-1bee", "1bee", 1, "ARKIMEX 1bee: backward Euler + extrapolation"),
+    _imex("arkimex", "3", 3, "ARKIMEX with PETSc's default tableau 3 (Kennedy-Carpenter ARK3(2)4L[2]SA)"),
+    _imex("arkimex-1bee", "1bee", 1, "ARKIMEX 1bee: backward Euler + extrapolation (PETSc registers order 2; it converges at order 1)"),
     _imex("arkimex-a2", "a2", 2, "ARKIMEX a2"),
     _imex("arkimex-l2", "l2", 2, "ARKIMEX l2 (L-stable)"),
     _imex("arkimex-ars122", "ars122", 2, "ARKIMEX ars122 (Ascher-Ruuth-Spiteri)"),
     _imex("arkimex-2c", "2c", 2, "ARKIMEX 2c"),
     _imex("arkimex-2d", "2d", 2, "ARKIMEX 2d"),
     _imex("arkimex-2e", "2e", 2, "ARKIMEX 2e"),
-    _imex("arkimex-prssp2", "prssp2", 2, "ARKIMEX prssp2"),
+    _imex("arkimex-prssp2", "prssp2", 2, "ARKIMEX prssp2 (no error estimator: fixed steps)", embedded=False),
     _imex("arkimex-3", "3", 3, "ARKIMEX 3 (Kennedy-Carpenter ARK3(2)4L[2]SA)"),
-    _imex("arkimex-bpr3", "bpr3", 3, "ARKIMEX bpr3"),
-    _imex("arkimex-ars443", "ars443", 3, "ARKIMEX ars443"),
+    _imex("arkimex-bpr3", "bpr3", 3, "ARKIMEX bpr3 (no error estimator: fixed steps; its explicit part as PETSc registers it is first order)", embedded=False),
+    _imex("arkimex-ars443", "ars443", 3, "ARKIMEX ars443 (no error estimator: fixed steps)", embedded=False),
     _imex("arkimex-4", "4", 4, "ARKIMEX 4 (Kennedy-Carpenter ARK4(3)6L[2]SA)"),
     _imex("arkimex-5", "5", 5, "ARKIMEX 5 (Kennedy-Carpenter ARK5(4)8L[2]SA)"),
 ]
