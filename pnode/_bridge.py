@@ -16,9 +16,9 @@ from ._rhs import RHS, Tape
 class Run:
     """One call of odeint: the problem, its solver, and what backward needs."""
 
-    def __init__(self, solver, func, params, y0, times, config, stats):
+    def __init__(self, solver, parts, params, y0, times, config, stats):
         self.solver = solver
-        self.func = func
+        self.parts = parts
         self.params = params
         self.shape = y0.shape
         self.dtype = y0.dtype
@@ -30,7 +30,7 @@ class Run:
         self.y0 = None
 
     def _rhs(self, tape):
-        return RHS(self.func, self.params, self.shape, self.dtype, self.device, self.sign, self.stats, tape)
+        return RHS(self.parts, self.params, self.shape, self.dtype, self.device, self.sign, self.stats, tape)
 
     def forward(self, y0, need_grad):
         """Integrate; with need_grad, keep what the backward needs."""

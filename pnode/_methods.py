@@ -16,7 +16,7 @@ class Method:
     subtype: Optional[str]  # RK / ARKIMEX tableau name, None for theta methods
     order: int
     kind: str             # "explicit", "implicit" or "imex"
-    embedded: bool        # has an error estimator, so adaptive steps are possible
+    embedded: bool        # has an error estimator (theta: PETSc's LTE estimate), so adaptive steps work
     theta: Optional[float] = None
     endpoint: bool = False
     description: str = ""
@@ -44,11 +44,11 @@ _TABLE = [
     _rk("verner6", "6vr", 6, True, "Verner 6(5), FSAL"),
     _rk("verner7", "7vr", 7, True, "Verner 7(6)"),
     _rk("verner8", "8vr", 8, True, "Verner 8(7)"),
-    Method("beuler", "theta", None, 1, "implicit", False, theta=1.0,
+    Method("beuler", "theta", None, 1, "implicit", True, theta=1.0,
            description="backward Euler (theta = 1)"),
-    Method("cn", "theta", None, 2, "implicit", False, theta=0.5, endpoint=True,
+    Method("cn", "theta", None, 2, "implicit", True, theta=0.5, endpoint=True,
            description="Crank-Nicolson (theta = 0.5, endpoint form)"),
-    Method("theta", "theta", None, 2, "implicit", False, theta=0.5,
+    Method("theta", "theta", None, 2, "implicit", True, theta=0.5,
            description="theta method (midpoint form), theta set by options['theta']"),
     _imex("arkimex", "3", 3, "ARKIMEX with PETSc's default tableau 3 (Kennedy-Carpenter ARK3(2)4L[2]SA)"),
     _imex("arkimex-1bee", "1bee", 1, "ARKIMEX 1bee: backward Euler + extrapolation (PETSc registers order 2; it converges at order 1)"),

@@ -11,12 +11,39 @@ from ._solver import Solver
 from ._stats import Stats
 
 
+def _parts(func, method):
+    """Which functions PETSc calls: the explicit (RHSFunction) and/or implicit (IFunction) part."""
+    if method.kind == "explicit":
+        pair = {"explicit": func}
+    elif method.kind == "implicit":
+        pair = {"implicit": func}
+    elif isinstance(func, (tuple, list)):
+        if len(func) != 2:
+            raise ValueError(f"an IMEX func is a pair (nonstiff, stiff), got {len(func)} items")
+        pair = {"explicit": func[0], "implicit": func[1]}
+    elif callable(getattr(func, "nonstiff", None)) and callable(getattr(func, "stiff", None)):
+        pair = {"explicit": func.nonstiff, "implicit": func.stiff}
+    else:  # no split given: ARKIMEX runs fully implicit
+        pair = {"implicit": func}
+    for name, f in pair.items():
+        if not callable(f):
+            raise TypeError(f"func ({name} part) must be callable as f(t, y), got {type(f).__name__}")
+    return pair
+
+
+def _modules(func):
+    if isinstance(func, (tuple, list)):
+        return [f for f in func if isinstance(f, nn.Module)]
+    return [func] if isinstance(func, nn.Module) else []
+
+
 def _parameters(func, adjoint_params):
     if adjoint_params is None:
-        if not isinstance(func, nn.Module):
+        modules = _modules(func)
+        if not modules:
             raise ValueError("func is not an nn.Module, so pnode cannot find its parameters: pass "
                              "adjoint_params=(tensors to differentiate), or adjoint_params=() if none")
-        adjoint_params = tuple(func.parameters())
+        adjoint_params = [p for m in modules for p in m.parameters()]
     params, seen = [], set()
     for p in adjoint_params:
         if not isinstance(p, torch.Tensor):
@@ -33,11 +60,11 @@ class _SolverCache:
     def __init__(self):
         self.solvers = {}
 
-    def get(self, config, n, n_params):
-        key = (config.solver_key(), n, n_params)
+    def get(self, config, n, n_params, parts):
+        key = (config.solver_key(), n, n_params, parts)
         solver = self.solvers.get(key)
         if solver is None:
-            solver = self.solvers[key] = Solver(config, n, n_params)
+            solver = self.solvers[key] = Solver(config, n, n_params, parts)
         solver.config = config
         return solver
 
@@ -56,8 +83,10 @@ def _cache_for(func):
 def _integrate(cache, func, y0, t, config, params, stats):
     check_y0(y0)
     times = check_time(t, y0)
-    solver = cache.get(config, y0.numel(), sum(p.numel() for p in params))
-    run = Run(solver, func, params, y0, times, config, stats)
+    config = config.for_state(y0)
+    parts = _parts(func, config.method)
+    solver = cache.get(config, y0.numel(), sum(p.numel() for p in params), tuple(sorted(parts)))
+    run = Run(solver, parts, params, y0, times, config, stats)
     if torch.is_grad_enabled() and (y0.requires_grad or params):
         return PnodeFunction.apply(run, y0, *params)
     return run.forward(y0, need_grad=False)
@@ -73,14 +102,17 @@ def odeint(func, y0, t, *, method="dopri5", rtol=1e-7, atol=1e-9, options=None,
     discrete solution.
 
     Args:
-        func: ``nn.Module`` or callable ``f(t, y)`` returning dy/dt shaped like ``y``.
+        func: ``nn.Module`` or callable ``f(t, y)`` returning dy/dt shaped like ``y``. For
+            IMEX methods (``arkimex*``): a pair ``(nonstiff, stiff)`` or an object with
+            ``nonstiff(t, y)`` and ``stiff(t, y)`` methods; a single func runs fully implicit.
         y0: initial state, any shape, float32 or float64.
         t: 1-D tensor of strictly increasing or strictly decreasing output times.
         method: one of ``pnode.METHODS`` (for example ``"dopri5"``, ``"rk4"``, ``"beuler"``).
         rtol, atol: tolerances of adaptive methods.
         options: ``step_size``, ``first_step``, ``max_num_steps``, ``max_rejections``,
             ``memory`` (``"graphs"``: keep each stage's autograd graph, fastest;
-            ``"states"``: keep states only and recompute f in the backward), ``theta``.
+            ``"states"``: keep states only and recompute f in the backward), ``theta``,
+            ``jacobian`` (implicit methods: ``"blockdiag"``, ``"dense"``, ``"matrix-free"``).
         adjoint_params: tensors to differentiate when ``func`` is not an ``nn.Module``.
         petsc_options: expert PETSc options for this solve, e.g. ``{"ts_adapt_type": "dsp"}``.
         return_stats: also return a :class:`pnode.Stats` (filled in by backward too).

@@ -5,7 +5,7 @@ fix; unknown option keys are an error, never silently ignored.
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
 
 import torch
@@ -13,6 +13,7 @@ import torch
 from ._methods import Method, get_method
 
 MEMORY_MODES = ("graphs", "states")
+JACOBIANS = ("blockdiag", "dense", "matrix-free")
 
 _OPTION_DOCS = {
     "step_size": "fixed step size (a positive float); the last step before each output time is shortened",
@@ -21,6 +22,8 @@ _OPTION_DOCS = {
     "max_rejections": "maximum consecutive step rejections before failing (default 50)",
     "memory": f"what the forward keeps for the backward: one of {MEMORY_MODES} (default 'graphs')",
     "theta": "theta of the 'theta' method, in (0, 1]",
+    "jacobian": f"Newton-Krylov Jacobian of implicit methods: one of {JACOBIANS} (default: 'blockdiag' "
+                "for a batch y0 of 2+ dims, 'dense' for a 1-D y0 of up to 256 entries, else 'matrix-free')",
 }
 
 
@@ -35,6 +38,7 @@ class Config:
     max_rejections: int = 50
     memory: str = "graphs"
     theta: Optional[float] = None
+    jacobian: Optional[str] = None
     petsc_options: Tuple[Tuple[str, str], ...] = field(default_factory=tuple)
 
     @property
@@ -43,7 +47,20 @@ class Config:
 
     def solver_key(self):
         """What a cached Solver depends on (tolerances and steps are set per call)."""
-        return (self.method.name, self.fixed, self.theta, self.petsc_options, self.max_rejections)
+        return (self.method.name, self.fixed, self.theta, self.jacobian, self.petsc_options,
+                self.max_rejections)
+
+    def for_state(self, y0):
+        """The configuration with the Jacobian choice resolved for this state."""
+        if self.jacobian is not None or self.method.kind == "explicit":
+            return self
+        if y0.dim() >= 2 and y0.shape[0] > 1:
+            jacobian = "blockdiag"
+        elif y0.numel() <= 256:
+            jacobian = "dense"
+        else:
+            jacobian = "matrix-free"
+        return replace(self, jacobian=jacobian)
 
 
 def _positive(name, value):
@@ -90,6 +107,12 @@ def make_config(method, rtol, atol, options, petsc_options):
         if options["memory"] not in MEMORY_MODES:
             raise ValueError(f"options['memory'] must be one of {MEMORY_MODES}, got {options['memory']!r}")
         kw["memory"] = options["memory"]
+    if "jacobian" in options:
+        if options["jacobian"] not in JACOBIANS:
+            raise ValueError(f"options['jacobian'] must be one of {JACOBIANS}, got {options['jacobian']!r}")
+        if m.kind == "explicit":
+            raise ValueError(f"options['jacobian'] applies to implicit and IMEX methods, not {m.name!r}")
+        kw["jacobian"] = options["jacobian"]
     if "theta" in options:
         if m.name != "theta":
             raise ValueError(f"options['theta'] applies to method='theta' only, not {m.name!r}")

@@ -2,17 +2,20 @@
 
 PETSc integrates ``dy/ds = sign * f(sign * s, y)`` on flat PETSc-precision
 vectors; ``sign = -1`` turns a decreasing user time grid into an increasing
-one. This module owns every call of the user's ``f``: plain evaluations,
-vector-Jacobian products (VJPs) for the adjoint, and Jacobian-vector products
-(JVPs) for Newton-Krylov.
+one. A problem has one or two *parts*: ``"explicit"`` (PETSc's RHSFunction)
+and ``"implicit"`` (posed as the IFunction ``ydot - f``); IMEX methods use
+both. This module owns every call of the user's functions: evaluations,
+vector-Jacobian products (VJPs) for the adjoint, Jacobian-vector products
+(JVPs) for Newton-Krylov, and Jacobian blocks for preconditioners.
 
-Memory modes. With a :class:`Tape` (``memory="graphs"``) each stage evaluation
-of the forward solve keeps its autograd graph, so the backward runs VJPs only
-and never evaluates ``f`` again; the graph is found again by the step index and
-the stage vector PETSc passes in, and confirmed by comparing the state bit for
-bit. Without a tape (``memory="states"``) PETSc's trajectory stores the stage
-states and every VJP re-evaluates ``f`` with grad at that state. Both give the
-same gradient: the VJP is taken at exactly the state PETSc hands over.
+Memory modes. With a :class:`Tape` (``memory="graphs"``) every evaluation of
+the forward solve keeps its autograd graph, so the backward runs VJPs only; a
+graph is found again by step, part and stage vector, and accepted only if the
+state matches bit for bit. Without a tape (``memory="states"``) PETSc's
+trajectory stores the stage states and each VJP re-evaluates ``f`` with grad at
+that state (the last such graph is reused while PETSc stays at one point, as in
+a transposed Krylov solve). Either way the VJP is taken at exactly the state
+PETSc hands over, so both modes give the same gradient.
 """
 
 import torch
@@ -20,55 +23,67 @@ import torch
 from ._errors import RHSError
 
 
-class Tape:
-    """Autograd graphs of the forward's stage evaluations, keyed by (step, stage Vec)."""
+class _Entry:
+    __slots__ = ("part", "handle", "time", "y_ref", "y_in", "out")
 
-    __slots__ = ("entries", "by_step", "hits", "fsal_hits")
+    def __init__(self, part, handle, time, y_ref, y_in, out):
+        self.part = part
+        self.handle = handle
+        self.time = time
+        self.y_ref = y_ref
+        self.y_in = y_in
+        self.out = out
 
-    def __init__(self):
-        self.entries = {}
-        self.by_step = {}
-        self.hits = 0
-        self.fsal_hits = 0
 
-    def record(self, step, handle, t, y_ref, y_in, out):
-        key = (step, handle)
-        if key not in self.entries:
-            self.by_step.setdefault(step, []).append(key)
-        # A rejected step attempt is overwritten by the retry on the same stage vector.
-        self.entries[key] = (t, y_ref, y_in, out)
-
-    def lookup(self, step, handle, t, y):
-        entry = self.entries.get((step, handle))
-        if entry is not None and torch.equal(entry[1], y):
-            self.hits += 1
-            return entry
-        # First-same-as-last tableaus (dopri5, bosh3, ...) never evaluate stage 0:
-        # the forward reused f at the previous step's last stage, whose state equals
-        # y_{n} up to the summation order of VecMAXPY. Differentiating that very
-        # evaluation is what the forward actually computed.
-        for key in self.by_step.get(step - 1, ()):
-            t_e, y_e, y_in, out = self.entries[key]
-            if abs(t_e - t) <= 1e-12 * max(1.0, abs(t)) and _same_up_to_rounding(y_e, y):
-                self.fsal_hits += 1
-                return self.entries[key]
-        return None
-
-    def clear(self):
-        self.entries.clear()
-        self.by_step.clear()
+def _close_times(a, b):
+    return abs(a - b) <= 1e-12 * max(1.0, abs(a))
 
 
 def _same_up_to_rounding(a, b):
-    scale = float(a.abs().max()) if a.numel() else 0.0
+    scale = float(a.abs().max())
     return bool((a - b).abs().max() <= 64 * torch.finfo(a.dtype).eps * max(scale, 1e-300))
 
 
-class RHS:
-    """One call's view of ``func``: parameters, shapes, dtypes, and counters."""
+class Tape:
+    """Autograd graphs of the forward's evaluations, grouped by step index."""
 
-    def __init__(self, func, params, shape, dtype, device, sign, stats, tape=None):
-        self.func = func
+    def __init__(self):
+        self.steps = {}
+        self.hits = 0
+
+    def record(self, step, part, handle, time, y_ref, y_in, out):
+        entries = self.steps.setdefault(step, [])
+        for i, e in enumerate(entries):
+            # A Newton iterate, or a rejected step attempt, is superseded by the next
+            # evaluation on the same vector at the same stage time.
+            if e.handle == handle and e.part == part and e.time == time:
+                entries[i] = _Entry(part, handle, time, y_ref, y_in, out)
+                return
+        entries.append(_Entry(part, handle, time, y_ref, y_in, out))
+
+    def lookup(self, step, part, handle, time, y):
+        for s in (step, step - 1):
+            for e in self.steps.get(s, ()):
+                if e.part == part and (e.handle == handle or _close_times(e.time, time)) \
+                        and torch.equal(e.y_ref, y):
+                    self.hits += 1
+                    return e
+        # First-same-as-last RK tableaus (dopri5, bosh3, ...) never evaluate stage 0:
+        # the forward reused f at the previous step's last stage, whose state equals
+        # y_n up to the summation order of VecMAXPY. Differentiating that evaluation
+        # is differentiating what the forward computed.
+        for e in self.steps.get(step - 1, ()):
+            if e.part == part and _close_times(e.time, time) and _same_up_to_rounding(e.y_ref, y):
+                self.hits += 1
+                return e
+        return None
+
+
+class RHS:
+    """One call's view of the user's functions: parameters, shapes, dtypes, counters."""
+
+    def __init__(self, parts, params, shape, dtype, device, sign, stats, tape=None):
+        self.parts = parts            # {"explicit": f} and/or {"implicit": f}
         self.params = params          # tensors that need a gradient
         self.shape = shape
         self.dtype = dtype            # the model's dtype (PETSc's may differ)
@@ -76,7 +91,7 @@ class RHS:
         self.sign = sign
         self.stats = stats
         self.tape = tape
-        self.n_params = sum(p.numel() for p in params)
+        self._graph = None            # ((part, point key), [y_in, out, u, g]) at PETSc's last point
 
     # -- evaluation -----------------------------------------------------------------
     def _time(self, s):
@@ -86,9 +101,9 @@ class RHS:
         y = y_flat.to(device=self.device, dtype=self.dtype, copy=copy)
         return y.view(self.shape)
 
-    def _call(self, s, y):
+    def _call(self, part, s, y):
         try:
-            out = self.func(self._time(s), y)
+            out = self.parts[part](self._time(s), y)
         except Exception as exc:
             raise RHSError(f"func raised {type(exc).__name__} at t={self.sign * s:.6g}: {exc}") from exc
         if not isinstance(out, torch.Tensor):
@@ -100,78 +115,149 @@ class RHS:
                 "dy/dt must match y in all three")
         return out
 
-    def _store(self, value, out_flat):
-        out_flat.copy_(value.reshape(-1))
-        if self.sign < 0:
-            out_flat.neg_()
-
-    def value(self, s, y_flat):
+    def value(self, part, s, y_flat):
         """f(sign * s, y) without a graph, shaped like y (the initial-step heuristic uses it too)."""
         with torch.no_grad():
-            return self._call(s, self._model_input(y_flat, copy=False))
+            return self._call(part, s, self._model_input(y_flat, copy=False))
 
-    def evaluate(self, s, y_flat, out_flat, ts, u):
+    def evaluate(self, part, s, y_flat, out_flat, ts, u):
         """out = sign * f(sign * s, y); with a tape, keep the graph for the backward.
 
         ``ts`` and ``u`` (the TS and the input Vec) name the stage for the tape.
         """
         self.stats.rhs_evals += 1
         if self.tape is None:
-            out = self.value(s, y_flat)
+            out = self.value(part, s, y_flat)
         else:
             # A private copy: PETSc overwrites its stage vectors, the graph must not see that.
             y_in = self._model_input(y_flat, copy=True).requires_grad_()
-            y_ref = y_in.detach().view(-1) if y_in.dtype == y_flat.dtype and y_in.device == y_flat.device \
-                else y_flat.clone()
+            same = y_in.dtype == y_flat.dtype and y_in.device == y_flat.device
+            y_ref = y_in.detach().view(-1) if same else y_flat.clone()
             with torch.enable_grad():
-                out = self._call(s, y_in)
-            self.tape.record(ts.getStepNumber(), u.getId(), s, y_ref, y_in, out)
+                out = self._call(part, s, y_in)
+            self.tape.record(ts.getStepNumber(), part, u.getId(), s, y_ref, y_in, out)
             out = out.detach()
-        self._store(out, out_flat)
+        out_flat.copy_(out.reshape(-1))
+        if self.sign < 0:
+            out_flat.neg_()
 
     # -- derivatives ----------------------------------------------------------------
-    def vjp(self, s, y_flat, w_flat, want_params, step=None, handle=None):
-        """Return (w^T df/dy, [w^T df/dp_k]) at (s, y), both in PETSc's time variable.
+    def _point_graph(self, part, point, y_flat):
+        """[y_in, out, u, g]: f's autograd graph at PETSc's point, built once per point.
 
-        One autograd call gives the state and parameter products together.
+        Newton iterations, transposed Krylov solves and block extraction all ask
+        for many products at one point; they share this graph. ``u`` and ``g`` are
+        the double-VJP linearisation, made on the first JVP.
+        """
+        key = (part, point.key)
+        if self._graph is not None and self._graph[0] == key:
+            return self._graph[1]
+        self.stats.recomputed_rhs += 1
+        y_in = self._model_input(y_flat, copy=True).requires_grad_()
+        with torch.enable_grad():
+            out = self._call(part, point.time, y_in)
+        graph = [y_in, out, None, None]
+        self._graph = (key, graph)
+        return graph
+
+    def _graph_at(self, part, point, y_flat):
+        """(y_in, out) at PETSc's point: from the tape when the forward kept it."""
+        entry = self.tape.lookup(point.step, part, point.vec.getId(), point.time, y_flat) \
+            if self.tape is not None else None
+        if entry is not None:
+            return entry.y_in, entry.out
+        graph = self._point_graph(part, point, y_flat)
+        return graph[0], graph[1]
+
+    def vjp(self, part, point, y_flat, w_flat, want_params):
+        """Return (w^T df/dy, [w^T df/dp_k]) at PETSc's point, in PETSc's time variable.
+
+        One autograd call gives the state and parameter products together. The
+        graph is retained: FSAL tableaus and Krylov solves differentiate it again,
+        and it dies with the tape or when PETSc moves to another point.
         """
         self.stats.vjps += 1
-        entry = self.tape.lookup(step, handle, s, y_flat) if self.tape is not None else None
-        if entry is None:
-            self.stats.recomputed_rhs += 1
-            y_in = self._model_input(y_flat, copy=True).requires_grad_()
-            with torch.enable_grad():
-                out = self._call(s, y_in)
-            retain = False
-        else:
-            _, _, y_in, out = entry
-            # FSAL tableaus differentiate one graph twice; the tape is dropped after backward.
-            retain = True
+        y_in, out = self._graph_at(part, point, y_flat)
         w = self._model_input(w_flat, copy=False)
         if self.sign < 0:
             w = -w
         inputs = [y_in] + list(self.params) if want_params else [y_in]
-        grads = torch.autograd.grad(out, inputs, w, retain_graph=retain, allow_unused=True)
+        grads = torch.autograd.grad(out, inputs, w, retain_graph=True, allow_unused=True)
         return grads[0], grads[1:]
 
-    def jvp(self, s, y_flat, v_flat):
-        """J v = sign * df/dy v at (s, y), by forward-mode AD."""
-        y = self._model_input(y_flat, copy=False).detach()
+    def release_graph(self):
+        self._graph = None
+
+    def jvp(self, part, point, y_flat, v_flat):
+        """J v = sign * df/dy v at PETSc's point, by the double-VJP trick.
+
+        g(u) = (df/dy)^T u is linear in u, so dg/du^T v = (df/dy) v: one reverse
+        pass per product through a graph built once per point, several times
+        cheaper here than forward-mode AD through torch.func.
+        """
+        graph = self._point_graph(part, point, y_flat)
+        if graph[2] is None:
+            y_in, out = graph[0], graph[1]
+            u = torch.zeros_like(out, requires_grad=True)
+            with torch.enable_grad():
+                g, = torch.autograd.grad(out, y_in, u, create_graph=True, allow_unused=True)
+            graph[2], graph[3] = u, g
+        u, g = graph[2], graph[3]
         v = self._model_input(v_flat, copy=False)
-        with torch.no_grad():
-            _, jv = torch.func.jvp(lambda x: self._call(s, x), (y,), (v,))
+        jv = None
+        if g is not None and g.requires_grad:
+            jv, = torch.autograd.grad(g, u, v, retain_graph=True, allow_unused=True)
+        if jv is None:  # f does not depend on y
+            jv = torch.zeros_like(v)
         return -jv if self.sign < 0 else jv
 
-    def write_grad(self, g, out_flat):
-        if g is None:
-            out_flat.zero_()
-        else:
-            out_flat.copy_(g.reshape(-1))
+    def jacobian_blocks(self, part, point, y_flat):
+        """Per-sample Jacobians sign * df_b/dy_b, shape (batch, d, d), for y of shape (batch, ...).
+
+        Row i of every block comes from one VJP with the cotangent e_i in every
+        sample, d VJPs in all. That is exact when f acts sample by sample (the
+        batch dimension first) and any module works, no vmap needed; for an f that
+        couples samples it is still a preconditioner, and the Krylov operator stays exact.
+        """
+        y_in, out = self._point_graph(part, point, y_flat)[:2]
+        batch = self.shape[0]
+        d = y_in[0].numel()
+        rows = []
+        for i in range(d):
+            e = torch.zeros(batch, d, dtype=out.dtype, device=out.device)
+            e[:, i] = 1.0
+            g, = torch.autograd.grad(out, y_in, e.view(self.shape), retain_graph=True, allow_unused=True)
+            rows.append(torch.zeros(batch, d, dtype=out.dtype, device=out.device) if g is None
+                        else g.reshape(batch, d))
+        blocks = torch.stack(rows, dim=1).to(y_flat.dtype)
+        return -blocks if self.sign < 0 else blocks
+
+    def dense_jacobian(self, part, point, y_flat):
+        """The full Jacobian sign * df/dy, shape (n, n), for small states (one VJP per row)."""
+        y_in, out = self._point_graph(part, point, y_flat)[:2]
+        n = y_in.numel()
+        eye = torch.eye(n, dtype=out.dtype, device=out.device).view(n, *self.shape)
+        jac = torch.stack([g.reshape(-1) if g is not None else torch.zeros(n, dtype=out.dtype)
+                           for g in (torch.autograd.grad(out, y_in, eye[i], retain_graph=True,
+                                                         allow_unused=True)[0] for i in range(n))])
+        jac = jac.to(y_flat.dtype)
+        return -jac if self.sign < 0 else jac
 
     @staticmethod
-    def write_param_grads(grads, out_views):
+    def write(g, out_flat, scale=1.0):
+        if g is None:
+            out_flat.zero_()
+        elif scale == 1.0:
+            out_flat.copy_(g.reshape(-1))
+        else:
+            torch.mul(g.reshape(-1).to(out_flat.dtype), scale, out=out_flat)
+
+    @staticmethod
+    def write_params(grads, out_views, scale=1.0):
         for view, g in zip(out_views, grads):
             if g is None:
                 view.zero_()
-            else:
+            elif scale == 1.0:
                 view.copy_(g)
+            else:
+                torch.mul(g.to(view.dtype), scale, out=view)

@@ -19,7 +19,6 @@ import torch
 from ._errors import NonFiniteError, PnodeError, SolverError
 from ._initial_step import initial_step
 from ._petsc import PETSc
-from ._shells import ParamJacobian, StateJacobian
 from ._ts_builder import apply_options, build_ts
 
 _REASONS = {getattr(PETSc.TS.ConvergedReason, name): name
@@ -34,17 +33,20 @@ def reason_name(code):
 class Solver:
     """Owns one TS configured for one (method, state size, parameter count)."""
 
-    def __init__(self, config, n, n_params, comm=None):
+    def __init__(self, config, n, n_params, parts, comm=None):
         self.config = config
         self.n = n
         self.n_params = n_params
+        self.parts = parts
         self.comm = comm if comm is not None else PETSc.COMM_SELF
         self.rhs = None
         self._views = {}
         self._pcache = None
-        self.J = StateJacobian(self)
-        self.Jp = ParamJacobian(self) if n_params else None
-        self.ts, self.u, self.lam, self.mu = build_ts(self, config, n, n_params, self.comm)
+        self.jac = {}     # part -> Jacobian shell context (set by build_ts)
+        self.pjac = {}    # part -> parameter-Jacobian shell context
+        self.pc = None    # BlockDiagonalPC when options['jacobian'] == 'blockdiag'
+        self.dense = None  # assembled Mat when options['jacobian'] == 'dense'
+        self.ts, self.u, self.lam, self.mu = build_ts(self, config, n, n_params, parts, self.comm)
         self.u_view = self.view(self.u)
         self.lam_view = self.view(self.lam)
         self.mu_view = self.view(self.mu) if n_params else None
@@ -84,14 +86,35 @@ class Solver:
 
     # -- TS callbacks -------------------------------------------------------------------
     def rhs_function(self, ts, s, u, F):
-        self.rhs.evaluate(s, self.view(u), self.view(F), ts, u)
+        self.rhs.evaluate("explicit", s, self.view(u), self.view(F), ts, u)
+        F.stateIncrease()
+
+    def ifunction(self, ts, s, u, udot, F):
+        out = self.view(F)
+        self.rhs.evaluate("implicit", s, self.view(u), out, ts, u)
+        out.neg_().add_(self.view(udot))   # F = ydot - f
         F.stateIncrease()
 
     def rhs_jacobian(self, ts, s, u, J, P):
-        self.J.point.set(s, u, ts.getStepNumber())
+        self.jac["explicit"].point.set(s, u, ts.getStepNumber())
+
+    def ijacobian(self, ts, s, u, udot, shift, A, P):
+        self.jac["implicit"].point.set(s, u, ts.getStepNumber(), shift)
+        if self.pc is not None:
+            self.rhs.stats.jacobians += 1
+            self.pc.factor(self.rhs.jacobian_blocks("implicit", self.jac["implicit"].point, self.view(u)), shift)
+        elif self.dense is not None:
+            self.rhs.stats.jacobians += 1
+            jac = self.rhs.dense_jacobian("implicit", self.jac["implicit"].point, self.view(u))
+            eye = torch.eye(self.n, dtype=jac.dtype, device=jac.device)
+            torch.from_numpy(P.getDenseArray()).copy_(shift * eye - jac)
+            P.assemble()
 
     def rhs_jacobian_p(self, ts, s, u, Jp):
-        self.Jp.point.set(s, u, ts.getStepNumber())
+        self.pjac["explicit"].point.set(s, u, ts.getStepNumber())
+
+    def ijacobian_p(self, ts, s, u, udot, shift, Jp):
+        self.pjac["implicit"].point.set(s, u, ts.getStepNumber(), shift)
 
     def post_step(self, ts):
         s = ts.getTime()
@@ -103,28 +126,39 @@ class Solver:
                                  hint="reduce the step size or rtol/atol, or check func for overflow")
 
     # -- products for the shells ----------------------------------------------------------
-    def jvp(self, point, x, y):
-        jv = self.rhs.jvp(point.time, self.view(point.vec), self.view(x))
-        self.view(y).copy_(jv.reshape(-1))
-        y.stateIncrease()
-
-    def state_vjp(self, point, x, y):
-        want_p = self.n_params > 0
-        gy, gp = self.rhs.vjp(point.time, self.view(point.vec), self.view(x), want_p,
-                              point.step, point.vec.getId())
-        self.rhs.write_grad(gy, self.view(y))
-        y.stateIncrease()
-        self._pcache = (point.key, x.getId(), x.stateGet(), gp) if want_p else None
-
-    def param_vjp(self, point, x, y):
-        c = self._pcache
-        self._pcache = None
-        if c is not None and c[0] == point.key and c[1] == x.getId() and c[2] == x.stateGet():
-            gp = c[3]
+    def _finish(self, value, x, y, shift, add, scale=1.0):
+        """y = value (explicit part) or scale * (shift * x - value) (implicit part), plus ``add``."""
+        if shift is not None:
+            value = shift * self.view(x) - value
+            if scale != 1.0:
+                value = scale * value
+        yv = self.view(y)
+        if add is None:
+            yv.copy_(value)
+        elif add.getId() == y.getId():
+            yv.add_(value)
         else:
-            _, gp = self.rhs.vjp(point.time, self.view(point.vec), self.view(x), True,
-                                 point.step, point.vec.getId())
-        self.rhs.write_param_grads(gp, self._param_views(y))
+            torch.add(self.view(add), value, out=yv)
+        y.stateIncrease()
+
+    def jvp(self, part, point, x, y, shift, scale):
+        jv = self.rhs.jvp(part, point, self.view(point.vec), self.view(x))
+        self._finish(jv.reshape(-1).to(self.u_view.dtype), x, y, shift, None, scale)
+
+    def state_vjp(self, part, point, x, y, shift, add=None, scale=1.0):
+        want_p = part in self.pjac
+        gy, gp = self.rhs.vjp(part, point, self.view(point.vec), self.view(x), want_p)
+        value = gy.reshape(-1).to(self.u_view.dtype) if gy is not None else torch.zeros_like(self.u_view)
+        self._finish(value, x, y, shift, add, scale)
+        self._pcache = (part, point.key, x.getId(), x.stateGet(), gp) if want_p else None
+
+    def param_vjp(self, part, point, x, y, scale):
+        c = self._pcache
+        if c is not None and c[:4] == (part, point.key, x.getId(), x.stateGet()):
+            gp = c[4]
+        else:
+            _, gp = self.rhs.vjp(part, point, self.view(point.vec), self.view(x), True)
+        self.rhs.write_params(gp, self._param_views(y), scale)
         y.stateIncrease()
 
     # -- solves ---------------------------------------------------------------------------
@@ -140,7 +174,7 @@ class Solver:
 
         def f(s, y):
             rhs.stats.rhs_evals += 1
-            out = rhs.value(s, y).reshape(-1).to(y.dtype)
+            out = sum(rhs.value(part, s, y) for part in self.parts).reshape(-1).to(y.dtype)
             return -out if rhs.sign < 0 else out
         return initial_step(f, times[0], y0.clone(), cfg.method.order, cfg.rtol, cfg.atol, span)
 
@@ -218,6 +252,7 @@ class Solver:
         self.trajectory_owner = None
         self._trajectory_dirty = False
         self._pcache = None
+        rhs.release_graph()
         rhs.stats.backward_seconds = _time.perf_counter() - start
         grad_p = self.mu_view.clone() if self.n_params else None
         return self.lam_view.clone(), grad_p

@@ -18,6 +18,7 @@ class Stats:
     steps: int = 0
     rejected_steps: int = 0
     rhs_evals: int = 0
+    jacobians: int = 0
     newton_iterations: int = 0
     krylov_iterations: int = 0
     vjps: int = 0

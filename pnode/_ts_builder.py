@@ -1,4 +1,8 @@
-"""Building a PETSc TS for a method: type, tableau, adaptivity, shells, options.
+"""Building a PETSc TS for a method: type, tableau, callbacks, shells, solvers, options.
+
+Explicit methods use PETSc's RHSFunction form. Implicit parts are posed as the
+IFunction ``ydot - f`` with IJacobian ``shift * I - df/dy``: PETSc's ARKIMEX
+adjoint is only correct in that form (in RHSFunction form it returns garbage).
 
 petsc4py wraps neither TSAdapt nor TSTrajectory, so those are configured
 through the options database under a prefix private to each TS; the user's
@@ -9,8 +13,19 @@ they override pnode's choices.
 import itertools
 
 from ._petsc import PETSc
+from ._shells import BlockDiagonalPC, ExplicitJacobian, ImplicitJacobian, ParamJacobian, ZeroJacobian
 
 _ids = itertools.count()
+
+# Tight Newton and Krylov tolerances: the discrete adjoint differentiates the
+# converged stage equations, so gradients are only as accurate as these solves.
+_SOLVER_OPTIONS = {
+    "matrix-free": {"ksp_type": "gmres", "pc_type": "none"},
+    "blockdiag": {"ksp_type": "gmres"},
+    "dense": {"ksp_type": "preonly", "pc_type": "lu"},
+}
+_TOLERANCES = {"snes_rtol": "1e-12", "snes_atol": "1e-14", "ksp_rtol": "1e-13", "ksp_atol": "1e-15",
+               "ksp_max_it": "500", "snes_max_it": "50"}
 
 
 def _set_options(prefix, options):
@@ -37,8 +52,24 @@ def apply_options(ts):
             db.setValue("-ts_trajectory_type", previous)
 
 
-def build_ts(solver, config, n, n_params, comm):
-    """Return (ts, u, lam, mu) with the solver's callbacks installed."""
+def _no_point(ts, t, u, J, P):
+    """The zero explicit Jacobian does not depend on the point."""
+
+
+def _python_mat(rows, cols, context, comm):
+    mat = PETSc.Mat().createPython([rows, cols], context=context, comm=comm)
+    mat.setUp()
+    return mat
+
+
+def _vec(n, comm):
+    if comm.getSize() > 1:
+        return PETSc.Vec().createMPI((PETSc.DECIDE, n), comm=comm)
+    return PETSc.Vec().createSeq(n, comm=comm)
+
+
+def build_ts(solver, config, n, n_params, parts, comm):
+    """Return (ts, u, lam, mu) with the solver's callbacks and shells installed."""
     method = config.method
     prefix = f"pnode{next(_ids)}_"
     ts = PETSc.TS().create(comm=comm)
@@ -47,32 +78,68 @@ def build_ts(solver, config, n, n_params, comm):
     ts.setType(method.ts_type)
     if method.ts_type == "rk":
         ts.setRKType(method.subtype)
+    elif method.ts_type == "theta":
+        ts.setTheta(config.theta)
+        ts.setThetaEndpoint(method.endpoint)
+    elif method.ts_type == "arkimex":
+        ts.setARKIMEXType(method.subtype)
+        # Without a split the explicit part is zero but the method stays in IMEX mode:
+        # fully implicit mode would add the RHS Jacobian into the shell (MatAXPY).
+        ts.setARKIMEXFullyImplicit(False)
 
-    u = PETSc.Vec().createMPI((PETSc.DECIDE, n), comm=comm) if comm.getSize() > 1 \
-        else PETSc.Vec().createSeq(n, comm=comm)
-    F = u.duplicate()
-    ts.setRHSFunction(solver.rhs_function, F)
-    J = PETSc.Mat().createPython([u.getSizes(), u.getSizes()], context=solver.J, comm=comm)
-    J.setUp()
-    ts.setRHSJacobian(solver.rhs_jacobian, J, J)
+    u = _vec(n, comm)
+    sizes = u.getSizes()
+    mu = _vec(n_params, comm) if n_params else None
+    options = {"ts_adapt_type": "none" if config.fixed else "basic"}
+
+    if "explicit" in parts:
+        solver.jac["explicit"] = ExplicitJacobian(solver)
+        J = _python_mat(sizes, sizes, solver.jac["explicit"], comm)
+        ts.setRHSFunction(solver.rhs_function, u.duplicate())
+        ts.setRHSJacobian(solver.rhs_jacobian, J, J)
+        if mu is not None:
+            solver.pjac["explicit"] = ParamJacobian(solver, "explicit")
+            ts.setRHSJacobianP(solver.rhs_jacobian_p,
+                               _python_mat(sizes, mu.getSizes(), solver.pjac["explicit"], comm))
+    if "implicit" in parts:
+        solver.jac["implicit"] = ImplicitJacobian(solver)
+        if config.jacobian == "dense":
+            solver.dense = PETSc.Mat().createDense([sizes, sizes], comm=comm)
+            solver.dense.setUp()
+            A = P = solver.dense
+        else:
+            A = P = _python_mat(sizes, sizes, solver.jac["implicit"], comm)
+        ts.setIFunction(solver.ifunction, u.duplicate())
+        ts.setIJacobian(solver.ijacobian, A, P)
+        if mu is not None:
+            solver.pjac["implicit"] = ParamJacobian(solver, "implicit")
+            ts.setIJacobianP(solver.ijacobian_p,
+                             _python_mat(sizes, mu.getSizes(), solver.pjac["implicit"], comm))
+        if method.ts_type == "arkimex" and "explicit" not in parts:
+            Z = _python_mat(sizes, sizes, ZeroJacobian(), comm)
+            ts.setRHSJacobian(_no_point, Z, Z)
+        options.update(_TOLERANCES)
+        options.update(_SOLVER_OPTIONS[config.jacobian])
+        if config.jacobian == "dense":  # a direct solve: no Krylov tolerances to set
+            for key in ("ksp_rtol", "ksp_atol", "ksp_max_it"):
+                options.pop(key)
 
     lam = u.duplicate()
-    mu = None
-    if n_params:
-        mu = PETSc.Vec().createSeq(n_params, comm=PETSc.COMM_SELF) if comm.getSize() == 1 \
-            else PETSc.Vec().createMPI((PETSc.DECIDE, n_params), comm=comm)
-        Jp = PETSc.Mat().createPython([u.getSizes(), mu.getSizes()], context=solver.Jp, comm=comm)
-        Jp.setUp()
-        ts.setRHSJacobianP(solver.rhs_jacobian_p, Jp)
     ts.setCostGradients([lam], [mu] if mu is not None else None)
-
     ts.setExactFinalTime(PETSc.TS.ExactFinalTime.MATCHSTEP)
     ts.setPostStep(solver.post_step)
     ts.setTolerances(rtol=config.rtol, atol=config.atol)
     ts.setMaxStepRejections(config.max_rejections)
-    options = {"ts_adapt_type": "none" if config.fixed else "basic"}
-    options.update(config.petsc_options)
+    # A failed Newton solve shrinks the step (adaptive) instead of ending the run at once.
+    ts.setMaxSNESFailures(-1 if not config.fixed else 1)
+    user = dict(config.petsc_options)
+    options.update(user)
     _set_options(prefix, options)
     ts.setSaveTrajectory()
     apply_options(ts)
+    if config.jacobian == "blockdiag" and "implicit" in parts and "pc_type" not in user:
+        solver.pc = BlockDiagonalPC(solver, solver.jac["implicit"].point)
+        pc = ts.getSNES().getKSP().getPC()
+        pc.setType(PETSc.PC.Type.PYTHON)
+        pc.setPythonContext(solver.pc)
     return ts, u, lam, mu
