@@ -7,16 +7,21 @@ solution the forward computed (reverse-accurate), for ``y0`` and every
 parameter.
 """
 
+import time as _time
+from dataclasses import replace
+
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._checkpoint import Checkpointer
 from ._rhs import RHS, Tape
 
 
 class Run:
     """One call of odeint: the problem, its solver, and what backward needs."""
 
-    def __init__(self, solver, parts, params, y0, times, config, stats):
+    def __init__(self, cache, solver, parts, params, y0, times, config, stats):
+        self.cache = cache
         self.solver = solver
         self.parts = parts
         self.params = params
@@ -35,19 +40,48 @@ class Run:
     def forward(self, y0, need_grad):
         """Integrate; with need_grad, keep what the backward needs."""
         self.y0 = y0.detach().reshape(-1).to(dtype=torch.float64, device="cpu")
-        self.tape = Tape() if need_grad and self.config.memory == "graphs" else None
+        checkpointed = need_grad and self.config.checkpoints is not None
+        self.tape = Tape() if need_grad and self.config.memory == "graphs" and not checkpointed else None
         self.stats.method = self.config.method.name
         self.stats.memory = self.config.memory
         self.stats.rhs_evals = 0
         self.stats.reset_backward()
         rhs = self._rhs(self.tape)
         try:
-            ys = self.solver.forward(rhs, self.y0, self.times, owner=self if need_grad else None)
+            # With a checkpoint budget the forward keeps no trajectory, only y0 and the steps.
+            owner = self if need_grad and not checkpointed else None
+            ys = self.solver.forward(rhs, self.y0, self.times, owner=owner)
         finally:
             self.solver.rhs = None
+        if checkpointed:
+            self.grid = (list(self.solver._step_times), list(self.solver.step_sizes),
+                         list(self.solver.output_steps))
         return ys.to(dtype=self.dtype, device=self.device).reshape(len(self.times), *self.shape)
 
+    def _checkpointed_backward(self, g):
+        start = _time.perf_counter()
+        n, n_params = self.y0.numel(), sum(p.numel() for p in self.params)
+        names = sorted(self.parts)
+        advance = self.cache.get(replace(self.config, replay="advance"), n, n_params, tuple(names))
+        tape = self.cache.get(replace(self.config, replay="tape"), n, n_params, tuple(names))
+        memory_graphs = self.config.memory == "graphs"
+
+        def make_rhs(for_tape):
+            return self._rhs(Tape() if for_tape and memory_graphs else None)
+        times, sizes, outputs = self.grid
+        cp = Checkpointer(advance, tape, make_rhs, self.config.checkpoints, times, sizes, outputs,
+                          self.stats)
+        try:
+            grad_y0, grad_p = cp.backward(self.y0, g, n_params)
+        finally:
+            advance.rhs = tape.rhs = None
+        self.stats.backward_seconds = _time.perf_counter() - start
+        return grad_y0, grad_p
+
     def backward(self, grad_ys):
+        g = grad_ys.detach().reshape(len(self.times), -1).to(dtype=torch.float64, device="cpu")
+        if self.config.checkpoints is not None:
+            return self._unflatten(*self._checkpointed_backward(g))
         solver = self.solver
         if solver.trajectory_owner is not self:
             # Another forward overwrote the trajectory, or a first backward consumed it
@@ -58,12 +92,14 @@ class Run:
             self.stats.recomputed_steps += self.stats.steps
             self.stats.recomputed_rhs += self.stats.rhs_evals - rhs_evals
             self.stats.rhs_evals = rhs_evals
-        g = grad_ys.detach().reshape(len(self.times), -1).to(dtype=torch.float64, device="cpu")
         try:
             grad_y0, grad_p = solver.backward(self._rhs(self.tape), g)
         finally:
             solver.rhs = None
             self.tape = None
+        return self._unflatten(grad_y0, grad_p)
+
+    def _unflatten(self, grad_y0, grad_p):
         grad_y0 = grad_y0.to(dtype=self.dtype, device=self.device).reshape(self.shape)
         grads = []
         offset = 0

@@ -20,14 +20,21 @@ class Method:
     theta: Optional[float] = None
     endpoint: bool = False
     description: str = ""
+    stages: int = 2       # stage vectors PETSc's trajectory keeps per step
+
+
+_RK_STAGES = {'1fe': 1, '2a': 2, '2b': 2, '3': 3, '3bs': 4, '4': 4, '5f': 6, '5dp': 7, '5bs': 8, '6vr': 9, '7vr': 10, '8vr': 13}
+_ARKIMEX_STAGES = {'1bee': 3, 'ars122': 2, 'a2': 2, 'l2': 2, '2c': 3, '2d': 3, '2e': 3, 'prssp2': 3, '3': 4, 'ars443': 5, 'bpr3': 5, '4': 6, '5': 8}
 
 
 def _rk(name, subtype, order, embedded, description):
-    return Method(name, "rk", subtype, order, "explicit", embedded, description=description)
+    return Method(name, "rk", subtype, order, "explicit", embedded, description=description,
+                  stages=_RK_STAGES[subtype])
 
 
 def _imex(name, subtype, order, description, embedded=True):
-    return Method(name, "arkimex", subtype, order, "imex", embedded, description=description)
+    return Method(name, "arkimex", subtype, order, "imex", embedded, description=description,
+                  stages=_ARKIMEX_STAGES[subtype])
 
 
 _TABLE = [

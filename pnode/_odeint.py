@@ -86,7 +86,7 @@ def _integrate(cache, func, y0, t, config, params, stats):
     config = config.for_state(y0)
     parts = _parts(func, config.method)
     solver = cache.get(config, y0.numel(), sum(p.numel() for p in params), tuple(sorted(parts)))
-    run = Run(solver, parts, params, y0, times, config, stats)
+    run = Run(cache, solver, parts, params, y0, times, config, stats)
     if torch.is_grad_enabled() and (y0.requires_grad or params):
         return PnodeFunction.apply(run, y0, *params)
     return run.forward(y0, need_grad=False)
@@ -112,7 +112,8 @@ def odeint(func, y0, t, *, method="dopri5", rtol=1e-7, atol=1e-9, options=None,
         options: ``step_size``, ``first_step``, ``max_num_steps``, ``max_rejections``,
             ``memory`` (``"graphs"``: keep each stage's autograd graph, fastest;
             ``"states"``: keep states only and recompute f in the backward), ``theta``,
-            ``jacobian`` (implicit methods: ``"blockdiag"``, ``"dense"``, ``"matrix-free"``).
+            ``jacobian`` (implicit methods: ``"blockdiag"``, ``"dense"``, ``"matrix-free"``),
+            ``checkpoints`` (keep at most k states and recompute by the binomial schedule).
         adjoint_params: tensors to differentiate when ``func`` is not an ``nn.Module``.
         petsc_options: expert PETSc options for this solve, e.g. ``{"ts_adapt_type": "dsp"}``.
         return_stats: also return a :class:`pnode.Stats` (filled in by backward too).

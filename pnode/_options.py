@@ -22,6 +22,8 @@ _OPTION_DOCS = {
     "max_rejections": "maximum consecutive step rejections before failing (default 50)",
     "memory": f"what the forward keeps for the backward: one of {MEMORY_MODES} (default 'graphs')",
     "theta": "theta of the 'theta' method, in (0, 1]",
+    "checkpoints": "keep at most this many states (>= 1, y0 included) and recompute the rest in the "
+                   "backward by the binomial (revolve) schedule; default: store everything",
     "jacobian": f"Newton-Krylov Jacobian of implicit methods: one of {JACOBIANS} (default: 'blockdiag' "
                 "for a batch y0 of 2+ dims, 'dense' for a 1-D y0 of up to 256 entries, else 'matrix-free')",
 }
@@ -39,16 +41,18 @@ class Config:
     memory: str = "graphs"
     theta: Optional[float] = None
     jacobian: Optional[str] = None
+    checkpoints: Optional[int] = None
+    replay: str = ""              # "advance" or "tape": a solver replaying recorded step sizes
     petsc_options: Tuple[Tuple[str, str], ...] = field(default_factory=tuple)
-
-    @property
-    def fixed(self):
-        return self.step_size is not None or not self.method.embedded
 
     def solver_key(self):
         """What a cached Solver depends on (tolerances and steps are set per call)."""
         return (self.method.name, self.fixed, self.theta, self.jacobian, self.petsc_options,
-                self.max_rejections)
+                self.max_rejections, self.replay)
+
+    @property
+    def fixed(self):
+        return bool(self.replay) or self.step_size is not None or not self.method.embedded
 
     def for_state(self, y0):
         """The configuration with the Jacobian choice resolved for this state."""
@@ -97,7 +101,7 @@ def make_config(method, rtol, atol, options, petsc_options):
     for key in ("step_size", "first_step"):
         if options.get(key) is not None:
             kw[key] = _positive(f"options['{key}']", options[key])
-    for key in ("max_num_steps", "max_rejections"):
+    for key in ("max_num_steps", "max_rejections", "checkpoints"):
         if key in options:
             value = options[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -5,6 +5,7 @@ whose weight b_i is zero (dopri5's last stage, the midpoint method), so older
 versions are refused at import rather than returning silently wrong gradients.
 """
 
+import os
 import sys
 
 MIN_VERSION = (3, 21, 4)
@@ -32,8 +33,15 @@ if _parse(petsc4py.__version__) < MIN_VERSION:
         "PETSc before 3.21.4 computes wrong parameter gradients for Runge-Kutta stages with "
         f"b_i = 0 (dopri5, midpoint). To upgrade, {INSTALL_HINT}")
 
+# PETSc's vector kernels call BLAS on vectors far too short for threads; an idle
+# OpenBLAS pool spinning on a busy core made one VecAXPY 80x slower in our benchmark.
+# Only the default changes: a user's OPENBLAS_NUM_THREADS is kept.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 if "petsc4py.PETSc" not in sys.modules:  # a user who called petsc4py.init(args) keeps their args
-    petsc4py.init(sys.argv[:1])
+    # No command-line options: the script's own arguments are not PETSc's. PETSC_OPTIONS
+    # in the environment and pnode's petsc_options still reach PETSc.
+    petsc4py.init([])
 from petsc4py import PETSc  # noqa: E402
 import numpy as np  # noqa: E402
 

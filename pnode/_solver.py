@@ -54,6 +54,13 @@ class Solver:
         self._has_trajectory = True    # build_ts sets one up
         self._trajectory_dirty = False
         self._step_times = []
+        self.step_sizes = []
+        self._h = None
+        self._replay = None            # (first step, step sizes) while replaying
+        self.step_bytes = config.method.stages * n * self.u_view.element_size()
+        if config.replay == "advance":  # recomputation between checkpoints stores nothing
+            self.ts.removeTrajectory()
+            self._has_trajectory = False
 
     # -- Vec <-> tensor ---------------------------------------------------------------
     def view(self, vec):
@@ -86,10 +93,12 @@ class Solver:
 
     # -- TS callbacks -------------------------------------------------------------------
     def rhs_function(self, ts, s, u, F):
+        self._h = ts.getTimeStep()  # the step size of the attempt being evaluated
         self.rhs.evaluate("explicit", s, self.view(u), self.view(F), ts, u)
         F.stateIncrease()
 
     def ifunction(self, ts, s, u, udot, F):
+        self._h = ts.getTimeStep()
         out = self.view(F)
         self.rhs.evaluate("implicit", s, self.view(u), out, ts, u)
         out.neg_().add_(self.view(udot))   # F = ydot - f
@@ -116,9 +125,17 @@ class Solver:
     def ijacobian_p(self, ts, s, u, udot, shift, Jp):
         self.pjac["implicit"].point.set(s, u, ts.getStepNumber(), shift)
 
+    def pre_step(self, ts):
+        if self._replay is not None:
+            first, sizes = self._replay
+            ts.setTimeStep(sizes[ts.getStepNumber() - first])
+
     def post_step(self, ts):
         s = ts.getTime()
         self._step_times.append(s)
+        # ts.getTimeStep() is already the next step's size here; the accepted one was
+        # seen by the right-hand side, and checkpointing replays it bit for bit.
+        self.step_sizes.append(self._h)
         # NaN and Inf survive a sum, and one reduction is far cheaper than isfinite().all()
         if not math.isfinite(float(self.u_view.sum())):
             raise NonFiniteError("NaN or Inf in the state", phase="forward", time=self.rhs.sign * s,
@@ -195,6 +212,7 @@ class Solver:
         self._prepare_trajectory(owner is not None)
         self.trajectory_owner = owner
         self._step_times = [times[0]]
+        self.step_sizes = []
         self._run(ts.solve, self.u, phase="forward")
         reason = ts.getConvergedReason()
         if reason < 0:
@@ -213,8 +231,52 @@ class Solver:
         st.newton_iterations = ts.getSNESIterations()
         st.krylov_iterations = ts.getKSPIterations()
         st.step_times = [rhs.sign * s for s in self._step_times]
+        st.trajectory_bytes = st.steps * self.step_bytes if owner is not None else 0
         st.forward_seconds = _time.perf_counter() - start
         return ys
+
+    def replay(self, rhs, y_start, first, t_start, t_end, sizes):
+        """Integrate len(sizes) steps from (t_start, y_start) with exactly these step sizes."""
+        self.rhs = rhs
+        ts = self.ts
+        self._pcache = None
+        self.u_view.copy_(y_start)
+        self.u.stateIncrease()
+        ts.setTime(t_start)
+        ts.setStepNumber(first)
+        ts.setMaxTime(t_end)
+        ts.setMaxSteps(first + len(sizes))
+        ts.setTimeStep(sizes[0])
+        # TSSolve restarts FSAL tableaus only at step 0; a replay from step j > 0 must not
+        # reuse the last stage of whatever this TS integrated before.
+        ts.restartStep()
+        self._replay = (first, sizes)
+        self._step_times = [t_start]
+        self.step_sizes = []
+        try:
+            self._run(ts.solve, self.u, phase="backward")
+        finally:
+            self._replay = None
+        if ts.getStepNumber() != first + len(sizes) or ts.getTime() != t_end:
+            raise SolverError(f"recomputation reached t={rhs.sign * ts.getTime():.17g}, step "
+                              f"{ts.getStepNumber()} instead of t={rhs.sign * t_end:.17g}, step "
+                              f"{first + len(sizes)}", phase="backward",
+                              hint="a nondeterministic func cannot be checkpointed; use the default "
+                                   "store-everything mode")
+        return self.u_view.clone()
+
+    def adjoint_steps(self, rhs, lam, nsteps):
+        """Run TSAdjoint back over the last ``nsteps`` steps of the stored trajectory."""
+        self.rhs = rhs
+        self.lam_view.copy_(lam)
+        self.lam.stateIncrease()
+        if self.n_params:
+            self.mu_view.zero_()
+            self.mu.stateIncrease()
+        self._adjoint_segment(nsteps)
+        self._pcache = None
+        rhs.release_graph()
+        return self.lam_view.clone(), self.mu_view.clone() if self.n_params else None
 
     def _prepare_trajectory(self, wanted):
         ts = self.ts
@@ -231,7 +293,6 @@ class Solver:
     def backward(self, rhs, grad_ys):
         """Given dL/dy(t_i) as a (len(times), n) tensor, return (dL/dy0, dL/dp)."""
         self.rhs = rhs
-        ts = self.ts
         start = _time.perf_counter()
         self.lam_view.copy_(grad_ys[-1])
         self.lam.stateIncrease()
@@ -240,12 +301,7 @@ class Solver:
             self.mu.stateIncrease()
         steps = self.output_steps
         for i in range(len(steps) - 1, 0, -1):
-            ts.adjointSetSteps(steps[i] - steps[i - 1])
-            self._run(ts.adjointSolve, phase="backward")
-            if not math.isfinite(float(self.lam_view.sum())):
-                raise NonFiniteError("NaN or Inf in the adjoint", phase="backward",
-                                     time=rhs.sign * ts.getTime(), step=ts.getStepNumber(),
-                                     hint="the loss gradient or the Jacobian of func overflows")
+            self._adjoint_segment(steps[i] - steps[i - 1])
             self.lam_view.add_(grad_ys[i - 1])
             self.lam.stateIncrease()
         # PETSc's memory trajectory resets itself when the adjoint reaches step 0.
@@ -256,6 +312,15 @@ class Solver:
         rhs.stats.backward_seconds = _time.perf_counter() - start
         grad_p = self.mu_view.clone() if self.n_params else None
         return self.lam_view.clone(), grad_p
+
+    def _adjoint_segment(self, nsteps):
+        ts = self.ts
+        ts.adjointSetSteps(nsteps)
+        self._run(ts.adjointSolve, phase="backward")
+        if not math.isfinite(float(self.lam_view.sum())):
+            raise NonFiniteError("NaN or Inf in the adjoint", phase="backward",
+                                 time=self.rhs.sign * ts.getTime(), step=ts.getStepNumber(),
+                                 hint="the loss gradient or the Jacobian of func overflows")
 
     def _run(self, call, *args, phase):
         try:

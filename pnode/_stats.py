@@ -26,7 +26,7 @@ class Stats:
     recomputed_steps: int = 0
     checkpoints: int = 0
     peak_checkpoint_bytes: int = 0
-    graph_bytes: int = 0
+    trajectory_bytes: int = 0
     forward_seconds: float = 0.0
     backward_seconds: float = 0.0
     step_times: List[float] = field(default_factory=list)
@@ -35,6 +35,8 @@ class Stats:
         self.vjps = 0
         self.recomputed_rhs = 0
         self.recomputed_steps = 0
+        self.checkpoints = 0
+        self.peak_checkpoint_bytes = 0
         self.backward_seconds = 0.0
 
     def as_dict(self):

@@ -127,6 +127,7 @@ def build_ts(solver, config, n, n_params, parts, comm):
     lam = u.duplicate()
     ts.setCostGradients([lam], [mu] if mu is not None else None)
     ts.setExactFinalTime(PETSc.TS.ExactFinalTime.MATCHSTEP)
+    ts.setPreStep(solver.pre_step)
     ts.setPostStep(solver.post_step)
     ts.setTolerances(rtol=config.rtol, atol=config.atol)
     ts.setMaxStepRejections(config.max_rejections)
