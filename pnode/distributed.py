@@ -1,0 +1,104 @@
+"""Data-parallel training over MPI ranks (launched with ``mpiexec -n P python ...``).
+
+Each rank integrates its shard of the batch on its own PETSc TS (COMM_SELF, the
+default of every pnode solve), so ranks never talk during a solve; after the
+backward, :func:`allreduce_gradients` sums the parameter gradients of all ranks
+in a single MPI allreduce over one flat buffer (not one per stage or per
+parameter). With a loss that is a sum over samples, the result equals the
+single-process gradient of the whole batch: bit for bit up to the order of the
+floating-point sum across ranks.
+
+Adaptive steps: each shard picks its own steps (its error estimate sees only its
+own samples), so adaptive runs on P ranks are a different discretisation than
+one rank on the whole batch; fixed steps give the same one.
+
+The transport is mpi4py on PETSc's communicator, nothing home-made; the same
+training loop also works with ``torch.distributed`` DistributedDataParallel
+(see ``examples/mpi_data_parallel.py``).
+"""
+
+import sys
+
+import torch
+
+__all__ = ["comm", "rank", "size", "shard", "allreduce_", "allreduce_gradients", "allreduce_sum",
+           "abort_on_error"]
+
+
+def comm():
+    """The MPI communicator pnode uses for data parallelism (PETSc's COMM_WORLD)."""
+    from ._petsc import PETSc
+    return PETSc.COMM_WORLD.tompi4py()
+
+
+def rank():
+    return comm().Get_rank()
+
+
+def size():
+    return comm().Get_size()
+
+
+def _bounds(n, parts, index):
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+def shard(x, dim=0, communicator=None):
+    """This rank's contiguous share of ``x`` along ``dim`` (sizes differ by at most one)."""
+    c = communicator or comm()
+    start, stop = _bounds(x.shape[dim], c.Get_size(), c.Get_rank())
+    return x.narrow(dim, start, stop - start)
+
+
+def allreduce_(tensors, communicator=None):
+    """Sum ``tensors`` over all ranks in place, with one allreduce of one flat buffer."""
+    from mpi4py import MPI
+    c = communicator or comm()
+    tensors = [t for t in tensors if t is not None]
+    if c.Get_size() == 1 or not tensors:
+        return tensors
+    flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in tensors])
+    c.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+    return tensors
+
+
+def allreduce_gradients(parameters, communicator=None):
+    """Sum ``p.grad`` over all ranks for every parameter (a module or an iterable)."""
+    if isinstance(parameters, torch.nn.Module):
+        parameters = parameters.parameters()
+    return allreduce_([p.grad for p in parameters], communicator)
+
+
+def abort_on_error():
+    """Make an uncaught exception on any rank end the whole job with its message.
+
+    Otherwise the other ranks wait forever in their next collective call. Installed
+    when this module is imported under mpiexec with more than one rank (the same
+    thing ``python -m mpi4py script.py`` does).
+    """
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        previous(kind, value, tb)
+        sys.stderr.write(f"pnode: rank {rank()} raised {kind.__name__}; aborting all ranks\n")
+        sys.stderr.flush()
+        comm().Abort(1)
+    sys.excepthook = hook
+
+
+def allreduce_sum(value, communicator=None):
+    """The sum over ranks of a Python number or a tensor (a copy; e.g. the global loss)."""
+    t = torch.as_tensor(value).detach().clone().to(torch.float64)
+    allreduce_([t], communicator)
+    return t if isinstance(value, torch.Tensor) else t.item()
+
+
+if size() > 1:
+    abort_on_error()

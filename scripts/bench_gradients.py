@@ -1,0 +1,527 @@
+"""Time pnode's forward+backward against torchdiffeq, and check every gradient.
+
+Side by side in one run, on the same MLP right-hand side (32-128-128-32, tanh),
+the same initial states and the same output times t = 0, 0.5, 1, with
+loss = sum over the output times of (y**2).sum():
+
+* pnode ``memory="graphs"`` (each stage keeps its autograd graph; backward runs VJPs),
+* pnode ``memory="states"`` (stage states only; backward recomputes f),
+* ``torchdiffeq.odeint`` (backpropagation through the solver's operations),
+* ``torchdiffeq.odeint_adjoint`` (continuous adjoint: a second ODE solved backwards),
+
+for rk4 (40 fixed steps of 0.025) and dopri5 (rtol 1e-5, atol 1e-6), float64 and
+float32, batch 16 and 256. Each contender is warmed up once, then timed in 7
+interleaved repetitions (the order rotates each repetition); the table shows the
+median, and ratios are medians of the per-repetition ratios, so a burst of load
+on a shared machine hits both sides of a ratio alike. One thread throughout.
+
+Gradient error. pnode claims the exact gradient of its discrete solution. The
+reference is float64 backpropagation (plain autograd) through an independent
+pure-torch implementation of PETSc's Runge-Kutta scheme (``tests/reference``)
+replaying the very steps pnode accepted (``Stats.step_times``). Two columns:
+
+* ``grad err (own scheme)``: each method against the exact gradient of its *own*
+  discrete solution: pnode vs that reference; torchdiffeq's ``odeint`` is exact by
+  construction (autograd through its own operations); ``odeint_adjoint`` vs
+  ``odeint`` backprop with the same solver and tolerances (its continuous-adjoint error).
+* ``diff vs pnode ref``: torchdiffeq's gradient against pnode's reference, for
+  dopri5 only: both solve the same ODE at the same tolerances, but on different
+  steps, so this mixes discretisation and gradient error; it is not a gradient
+  error of either. (torchdiffeq's "rk4" is the 3/8-rule variant, another scheme.)
+
+Errors are max over y0 and each parameter tensor of max|g - g_ref| / max|g_ref|.
+
+Memory, next to each time: bytes held for the backward after the forward, i.e.
+tensors autograd saved during the forward (``saved_tensors_hooks``, each storage
+counted once, parameters and y0 excluded) plus, for pnode, its other buffers:
+PETSc's in-memory trajectory (per step the solution and every stage vector, in
+double precision) and, with ``memory="graphs"``, the tape's stage outputs.
+Graphs built inside a backward (pnode "states", odeint_adjoint) live one f call
+at a time and are not counted; tensors saved for rejected step attempts are
+counted although they may be freed early (an upper bound; few steps are rejected here).
+
+Then the bridge's own overhead on a tiny right-hand side (2-D state, hidden 16,
+rk4, 4000 steps): microseconds per f call and per VJP beyond bare torch calls.
+
+Usage: python scripts/bench_gradients.py [--quick] [--reps N] [--profile] [--out FILE]
+"""
+
+import argparse
+import copy
+import cProfile
+import gc
+import os
+import pstats
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+# "One thread" must hold for PETSc too: its Vec kernels call OpenBLAS, which
+# otherwise starts a thread per core; on a busy machine a descheduled helper
+# thread stalls every VecAXPY (measured here: 0.7 ms instead of 10 us on 25k
+# entries). Read when libopenblas loads, so it is set before the imports.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests/reference: the independent RK implementation
+
+import torch  # noqa: E402
+import torchdiffeq  # noqa: E402
+from torch import nn  # noqa: E402
+
+import pnode  # noqa: E402
+from tests.reference.rk import explicit_rk  # noqa: E402
+from tests.reference.tableaus import RK_TABLEAUS  # noqa: E402
+
+T_OUT = (0.0, 0.5, 1.0)
+METHOD_SETTINGS = {
+    # name: (pnode kwargs, torchdiffeq kwargs)
+    "rk4": (dict(method="rk4", options={"step_size": 0.025}),
+            dict(method="rk4", options={"step_size": 0.025})),
+    "dopri5": (dict(method="dopri5", rtol=1e-5, atol=1e-6),
+               dict(method="dopri5", rtol=1e-5, atol=1e-6)),
+}
+CONTENDERS = ("pnode graphs", "pnode states", "tdq odeint", "tdq adjoint")
+TARGET_OVERHEAD_US = 20.0
+
+
+# -- the right-hand side ------------------------------------------------------------------
+class MLP(nn.Sequential):
+    def __init__(self, sizes):
+        layers = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(nn.Tanh())
+        super().__init__(*layers)
+
+
+class Counted(nn.Module):
+    """f(t, y) = net(y), counting its calls (every contender pays the same increment)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.calls = 0
+
+    def forward(self, t, y):
+        self.calls += 1
+        return self.net(y)
+
+
+# -- memory --------------------------------------------------------------------------------
+class SavedBytes:
+    """Pack hook: bytes of the storages autograd saves, each counted once."""
+
+    def __init__(self, exclude=()):
+        self.seen = {self._key(x) for x in exclude}
+        self.bytes = 0
+
+    @staticmethod
+    def _key(x):
+        try:
+            s = x.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # no plain storage (sparse, ...)
+            return id(x), x.numel() * x.element_size()
+        return s.data_ptr(), s.nbytes()
+
+    def pack(self, x):
+        key = self._key(x)
+        if key not in self.seen:
+            self.seen.add(key)
+            self.bytes += key[1]
+        return x
+
+    @staticmethod
+    def unpack(x):
+        return x
+
+
+def pnode_other_bytes(stats, n, itemsize, subtype):
+    """Buffers pnode holds for the backward outside autograd's saved tensors."""
+    stages = RK_TABLEAUS[subtype].stages
+    # PETSc's memory trajectory keeps, per step, the solution and every stage vector (doubles).
+    petsc = stats.steps * (stages + 1) * n * 8
+    tape = 0
+    if stats.memory == "graphs":
+        # The tape keeps each stage's output, plus a double copy of its input when
+        # the model's dtype is not PETSc's.
+        tape = stats.rhs_evals * n * (itemsize + (8 if itemsize != 8 else 0))
+    return petsc + tape
+
+
+# -- one problem ---------------------------------------------------------------------------
+@dataclass
+class Contender:
+    name: str
+    solve: Callable
+    node: Optional[pnode.NeuralODE] = None
+    times: list = field(default_factory=list)
+    ratio_odeint: list = field(default_factory=list)
+    ratio_adjoint: list = field(default_factory=list)
+    nfe: str = ""
+    saved: int = 0
+    other: int = 0
+    grads: Optional[list] = None
+    step_times: Optional[list] = None
+
+
+def make_contenders(func, method):
+    pn_kw, tdq_kw = METHOD_SETTINGS[method]
+    out = []
+    for memory in ("graphs", "states"):
+        kw = dict(pn_kw)
+        kw["options"] = {**kw.get("options", {}), "memory": memory}
+        node = pnode.NeuralODE(func, **kw)
+        out.append(Contender(f"pnode {memory}", node, node))
+    out.append(Contender("tdq odeint", lambda y0, t: torchdiffeq.odeint(func, y0, t, **tdq_kw)))
+    out.append(Contender("tdq adjoint", lambda y0, t: torchdiffeq.odeint_adjoint(func, y0, t, **tdq_kw)))
+    return out
+
+
+def fwd_bwd(c, func, y0, t):
+    func.zero_grad(set_to_none=True)
+    y0 = y0.detach().requires_grad_()
+    loss = c.solve(y0, t).pow(2).sum()
+    loss.backward()
+    return y0
+
+
+def measured_run(c, func, y0, t, subtype):
+    """One untimed fwd+bwd recording calls, held memory and the gradient."""
+    func.zero_grad(set_to_none=True)
+    y0 = y0.detach().requires_grad_()
+    saved = SavedBytes(exclude=[y0, *func.parameters()])
+    func.calls = 0
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        loss = c.solve(y0, t).pow(2).sum()
+    fwd_calls = func.calls
+    loss.backward()
+    bwd_calls = func.calls - fwd_calls
+    c.saved = saved.bytes
+    c.grads = [y0.grad.detach().clone()] + [p.grad.detach().clone() for p in func.parameters()]
+    if c.node is not None:
+        st = c.node.stats
+        c.nfe = f"{st.rhs_evals} / {st.vjps} VJP" + (f" (+{st.recomputed_rhs} f)" if st.recomputed_rhs else "")
+        c.other = pnode_other_bytes(st, y0.numel(), y0.element_size(), subtype)
+        c.step_times = list(st.step_times)
+    elif c.name == "tdq odeint":
+        c.nfe = f"{fwd_calls} / {fwd_calls} VJP (autograd)"
+    else:
+        c.nfe = f"{fwd_calls} / {bwd_calls} VJP (+{bwd_calls} f)"
+
+
+def reference_grads(net, y0, t, subtype, step_times):
+    """float64 autograd through PETSc's RK scheme on pnode's accepted steps."""
+    net64 = copy.deepcopy(net).double()
+    y0r = y0.detach().double().requires_grad_()
+    states = explicit_rk(lambda s, y: net64(y), y0r, subtype, step_times)
+    idx = []
+    for tk in t.tolist():
+        i = min(range(len(step_times)), key=lambda j: abs(step_times[j] - tk))
+        if abs(step_times[i] - tk) > 1e-12 * max(1.0, abs(tk)):
+            raise RuntimeError(f"output time {tk} is not a step boundary of pnode's solve")
+        idx.append(i)
+    loss = states[idx].pow(2).sum()
+    return list(torch.autograd.grad(loss, [y0r, *net64.parameters()]))
+
+
+def rel_err(grads, ref):
+    worst = 0.0
+    for g, r in zip(grads, ref):
+        g, r = g.double(), r.double()
+        scale = float(r.abs().max())
+        worst = max(worst, float((g - r).abs().max()) / (scale if scale > 0 else 1.0))
+    return worst
+
+
+def run_problem(dtype, batch, method, reps, seed=0):
+    torch.manual_seed(seed)
+    func = Counted(MLP([32, 128, 128, 32])).to(dtype)
+    y0 = torch.randn(batch, 32, dtype=dtype)
+    t = torch.tensor(T_OUT, dtype=dtype)
+    subtype = pnode.METHODS[method].subtype
+    cs = make_contenders(func, method)
+
+    for c in cs:  # warm-up: builds pnode's PETSc objects, torch's kernels, caches
+        fwd_bwd(c, func, y0, t)
+    for c in cs:
+        measured_run(c, func, y0, t, subtype)
+    for rep in range(reps):
+        k = rep % len(cs)
+        rep_times = {}
+        for c in cs[k:] + cs[:k]:
+            gc.collect()
+            start = time.perf_counter()
+            fwd_bwd(c, func, y0, t)
+            rep_times[c.name] = time.perf_counter() - start
+            c.times.append(rep_times[c.name])
+        for c in cs:
+            c.ratio_odeint.append(rep_times[c.name] / rep_times["tdq odeint"])
+            c.ratio_adjoint.append(rep_times[c.name] / rep_times["tdq adjoint"])
+
+    by = {c.name: c for c in cs}
+    refs = {}
+
+    def ref_for(step_times):
+        key = tuple(step_times)
+        if key not in refs:
+            refs[key] = reference_grads(func.net, y0, t, subtype, step_times)
+        return refs[key]
+
+    errs = {}
+    for c in cs:
+        if c.node is not None:
+            errs[c.name] = (f"{rel_err(c.grads, ref_for(c.step_times)):.1e}", "")
+    errs["tdq odeint"] = ("exact (autograd)", "")
+    errs["tdq adjoint"] = (f"{rel_err(by['tdq adjoint'].grads, by['tdq odeint'].grads):.1e} vs odeint", "")
+    if method == "dopri5":
+        ref = ref_for(by["pnode graphs"].step_times)
+        for name in ("tdq odeint", "tdq adjoint"):
+            errs[name] = (errs[name][0], f"{rel_err(by[name].grads, ref):.1e}")
+    rows = []
+    for c in cs:
+        rows.append(dict(
+            problem="MLP 32-128-128-32", dtype=str(dtype).replace("torch.", ""), batch=batch,
+            method=method, contender=c.name, ms=1e3 * statistics.median(c.times),
+            spread=1e3 * (max(c.times) - min(c.times)),
+            r_odeint=statistics.median(c.ratio_odeint), r_adjoint=statistics.median(c.ratio_adjoint),
+            nfe=c.nfe, saved=c.saved, other=c.other, err_own=errs[c.name][0], err_ref=errs[c.name][1]))
+    return rows
+
+
+# -- report ----------------------------------------------------------------------------
+HEADER = ("| problem | dtype | batch | method | contender | median ms | ratio vs tdq odeint "
+          "| ratio vs tdq adjoint | NFE fwd / bwd | held MB (autograd + solver) "
+          "| grad err (own scheme) | diff vs pnode ref |")
+
+
+def format_row(r):
+    mb = (r["saved"] + r["other"]) / 2**20
+    held = f"{mb:.1f} ({r['saved'] / 2**20:.1f} + {r['other'] / 2**20:.1f})"
+    return (f"| {r['problem']} | {r['dtype']} | {r['batch']} | {r['method']} | {r['contender']} "
+            f"| {r['ms']:.1f} | {r['r_odeint']:.2f}x | {r['r_adjoint']:.2f}x | {r['nfe']} | {held} "
+            f"| {r['err_own']} | {r['err_ref'] or '-'} |")
+
+
+def targets(rows):
+    lines = []
+    for r in rows:
+        if r["contender"] != "pnode graphs" or r["batch"] != 256:
+            continue
+        checks = [("tdq odeint", r["r_odeint"], 1.0)]
+        if r["method"] == "dopri5":
+            checks.append(("tdq adjoint", r["r_adjoint"], 0.4))
+        for name, ratio, goal in checks:
+            ok = "met" if ratio <= goal else "MISSED"
+            lines.append(f"- {r['method']} {r['dtype']} batch 256: pnode graphs / {name} = "
+                         f"{ratio:.2f}x (target <= {goal}x): {ok}")
+    return lines
+
+
+# -- tiny right-hand side: the bridge's own overhead --------------------------------------
+def overhead(reps, steps):
+    torch.manual_seed(0)
+    func = Counted(MLP([2, 16, 2])).double()
+    params = list(func.parameters())
+    y0 = torch.randn(1, 2, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    opts = {"step_size": 1.0 / steps}
+    graphs = pnode.NeuralODE(func, method="rk4", options={**opts, "memory": "graphs"})
+    states = pnode.NeuralODE(func, method="rk4", options={**opts, "memory": "states"})
+    tdq_kw = dict(method="rk4", options={"step_size": 1.0 / steps})
+
+    with torch.no_grad():
+        graphs(y0, t)
+    n_f = graphs.stats.rhs_evals
+    fwd_bwd(Contender("g", graphs), func, y0, t)
+    n_vjp = graphs.stats.vjps
+    tt = torch.tensor(0.5, dtype=torch.float64)
+    w = torch.ones_like(y0)
+
+    def pnode_nograd():
+        with torch.no_grad():
+            graphs(y0, t)
+
+    def bare_f():
+        with torch.no_grad():
+            for _ in range(n_f):
+                func(tt, y0)
+
+    def bare_pair():  # what pnode's graphs mode does per stage: f with grad, later its VJP
+        for _ in range(n_vjp):
+            y = y0.detach().requires_grad_()
+            with torch.enable_grad():
+                out = func(tt, y)
+            torch.autograd.grad(out, [y, *params], w)
+
+    def tdq_nograd():
+        with torch.no_grad():
+            torchdiffeq.odeint(func, y0, t, **tdq_kw)
+
+    cases = {
+        "pnode fwd (no grad)": pnode_nograd,
+        "bare f loop": bare_f,
+        "pnode graphs fwd+bwd": lambda: fwd_bwd(Contender("g", graphs), func, y0, t),
+        "pnode states fwd+bwd": lambda: fwd_bwd(Contender("s", states), func, y0, t),
+        "bare f+VJP loop": bare_pair,
+        "tdq odeint fwd (no grad)": tdq_nograd,
+        "tdq odeint fwd+bwd": lambda: fwd_bwd(Contender("t", lambda a, b: torchdiffeq.odeint(func, a, b, **tdq_kw)),
+                                              func, y0, t),
+    }
+    for fn in cases.values():
+        fn()
+    times = {k: [] for k in cases}
+    names = list(cases)
+    for rep in range(reps):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            gc.collect()
+            start = time.perf_counter()
+            cases[name]()
+            times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    func.calls = 0
+    with torch.no_grad():
+        torchdiffeq.odeint(func, y0, t, **tdq_kw)
+    n_tdq = func.calls
+    us = 1e6
+    per_f = (med["pnode fwd (no grad)"] - med["bare f loop"]) / n_f * us
+    per_vjp_g = (med["pnode graphs fwd+bwd"] - med["bare f+VJP loop"]) / n_vjp * us
+    bare_f_each = med["bare f loop"] / n_f
+    per_vjp_s = (med["pnode states fwd+bwd"] - med["bare f loop"] - med["bare f+VJP loop"]) / n_vjp * us
+    tdq_f = (med["tdq odeint fwd (no grad)"] - bare_f_each * n_tdq) / n_tdq * us
+    lines = [
+        f"Tiny right-hand side: 2-D state, MLP 2-16-2, float64, rk4, {graphs.stats.steps} steps "
+        f"({n_f} f calls, {n_vjp} VJPs), median of {reps} interleaved runs, one thread.",
+        "",
+        "| case | median ms |",
+        "| --- | --- |",
+        *[f"| {k} | {1e3 * v:.1f} |" for k, v in med.items()],
+        "",
+        f"- bare torch: {bare_f_each * us:.1f} us per f call, "
+        f"{med['bare f+VJP loop'] / n_vjp * us:.1f} us per f-with-grad + VJP pair",
+        f"- pnode overhead per f call (forward, no grad): {per_f:.1f} us "
+        f"(target < {TARGET_OVERHEAD_US:g} us: {'met' if per_f < TARGET_OVERHEAD_US else 'MISSED'})",
+        f"- pnode overhead per VJP, memory='graphs' (includes keeping that stage's graph in the forward): "
+        f"{per_vjp_g:.1f} us (target < {TARGET_OVERHEAD_US:g} us: "
+        f"{'met' if per_vjp_g < TARGET_OVERHEAD_US else 'MISSED'})",
+        f"- pnode overhead per VJP, memory='states' (forward f + recomputed f + VJP per stage): {per_vjp_s:.1f} us",
+        f"- for scale, torchdiffeq odeint: {tdq_f:.1f} us per f call beyond bare f (no grad); its fwd+bwd "
+        f"costs {med['tdq odeint fwd+bwd'] / n_tdq * us:.1f} us per f call all in (one backprop through "
+        f"every call), pnode graphs {med['pnode graphs fwd+bwd'] / n_vjp * us:.1f} us per f + VJP all in",
+    ]
+    return lines
+
+
+# -- where pnode's time goes ----------------------------------------------------------------
+def profile_split(reps=3):
+    """cProfile split of pnode graphs fwd+bwd: f, VJP, PETSc (C, callbacks excluded), glue."""
+    torch.manual_seed(0)
+    func = Counted(MLP([32, 128, 128, 32])).double()
+    y0 = torch.randn(256, 32, dtype=torch.float64)
+    t = torch.tensor(T_OUT, dtype=torch.float64)
+    c = make_contenders(func, "rk4")[0]
+    fwd_bwd(c, func, y0, t)
+    prof = cProfile.Profile()
+    start = time.perf_counter()
+    prof.enable()
+    for _ in range(reps):
+        fwd_bwd(c, func, y0, t)
+    prof.disable()
+    total = time.perf_counter() - start
+    st = pstats.Stats(prof).stats   # (file, line, name) -> (cc, nc, tt, ct, callers)
+
+    def find(pred):
+        return [k for k in st if pred(k)]
+
+    code = Counted.forward.__code__
+    f_keys = find(lambda k: (k[0], k[1], k[2]) == (code.co_filename, code.co_firstlineno, code.co_name))
+    vjp_keys = find(lambda k: k[2] == "grad" and k[0].endswith(os.path.join("torch", "autograd", "__init__.py")))
+    # pnode's Python function that calls ts.solve / ts.adjointSolve: petsc4py's C methods do
+    # not appear in the profile, so their time is that function's own time and the
+    # PETSc callbacks appear as its callees.
+    entry_keys = find(lambda k: k[2] == "_run" and k[0].endswith(os.path.join("pnode", "_solver.py")))
+    lines = [f"Profile (cProfile, {reps} runs) of pnode memory='graphs' fwd+bwd, rk4, MLP 32-128-128-32, "
+             f"float64, batch 256; cProfile inflates the Python share (glue)."]
+    if not entry_keys or not f_keys:
+        return lines + ["- split unavailable: pnode's solver internals changed (no _solver._run)"]
+    f_time = sum(st[k][3] for k in f_keys)
+    vjp_time = sum(st[k][3] for k in vjp_keys)
+    petsc = 0.0
+    for e in entry_keys:
+        callees = sum(v[4][e][3] for k, v in st.items() if e in v[4])
+        petsc += st[e][3] - callees
+    glue = total - f_time - vjp_time - petsc
+    for name, v in (("f (user module)", f_time), ("VJP (torch.autograd.grad)", vjp_time),
+                    ("PETSc (inside ts.solve/adjointSolve, callbacks excluded)", petsc),
+                    ("glue (pnode Python, conversions, autograd.Function, rest)", glue)):
+        lines.append(f"- {name}: {1e3 * v / reps:.1f} ms per fwd+bwd ({100 * v / total:.0f}%)")
+    lines.append(f"- total under the profiler: {1e3 * total / reps:.1f} ms per fwd+bwd")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="batch 256 only, 3 repetitions, 1000 steps in the tiny right-hand-side section")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7, 3 with --quick)")
+    p.add_argument("--dtypes", default="float64,float32")
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 16,256)")
+    p.add_argument("--methods", default="rk4,dopri5")
+    p.add_argument("--profile", action="store_true", help="also split pnode's time with cProfile")
+    p.add_argument("--no-overhead", action="store_true", help="skip the tiny right-hand-side section")
+    p.add_argument("--out", default=os.path.join("outputs", "bench_gradients.md"))
+    args = p.parse_args(argv)
+    reps = args.reps or (3 if args.quick else 7)
+    batches = [int(b) for b in (args.batches or ("256" if args.quick else "16,256")).split(",")]
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    methods = args.methods.split(",")
+    torch.set_num_threads(1)   # the targets are per thread; and the machine is shared
+
+    started = time.perf_counter()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    header = [f"pnode {pnode.__version__}, torch {torch.__version__}, torchdiffeq {torchdiffeq.__version__}; "
+              f"{os.cpu_count()} cores, load average {load}; torch threads {torch.get_num_threads()}, "
+              f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}; median of {reps} interleaved runs, "
+              f"outputs at t = {', '.join(map(str, T_OUT))}, loss = sum_t (y(t)**2).sum()", ""]
+    print("\n".join(header), flush=True)
+    rows = []
+    table = [HEADER, "|" + " --- |" * (HEADER.count("|") - 1)]
+    print("\n".join(table), flush=True)
+    for dtype in dtypes:
+        for method in methods:
+            for batch in batches:
+                for r in run_problem(dtype, batch, method, reps):
+                    rows.append(r)
+                    table.append(format_row(r))
+                    print(table[-1], flush=True)
+    notes = ["", "Targets (batch 256):", *targets(rows), "",
+             "NFE: pnode 'f evals / VJPs' (+ f recomputed in the backward); torchdiffeq odeint "
+             "backprops through each forward call; odeint_adjoint calls f again for each VJP.",
+             "grad err (own scheme): pnode vs float64 autograd through PETSc's RK on pnode's steps; "
+             "odeint_adjoint vs odeint backprop (same solver, tolerances, dtype).",
+             "diff vs pnode ref: torchdiffeq (own steps) vs that reference; discretisation + gradient "
+             "difference, dopri5 only.", ""]
+    print("\n".join(notes), flush=True)
+    out = header + table + notes
+    if not args.no_overhead:
+        lines = overhead(reps, steps=1000 if args.quick else 4000)
+        print("\n".join(lines), flush=True)
+        out += lines + [""]
+    if args.profile:
+        lines = profile_split()
+        print("\n".join([""] + lines), flush=True)
+        out += lines + [""]
+    print(f"\n(total {time.perf_counter() - started:.0f} s)")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        fh.write("\n".join(out) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
