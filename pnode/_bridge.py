@@ -35,7 +35,8 @@ class Run:
         self.y0 = None
 
     def _rhs(self, tape):
-        return RHS(self.parts, self.params, self.shape, self.dtype, self.device, self.sign, self.stats, tape)
+        return RHS(self.parts, self.params, self.shape, self.dtype, self.device, self.sign, self.stats, tape,
+                   self.solver.staging(self.dtype, self.device))
 
     def forward(self, y0, need_grad):
         """Integrate; with need_grad, keep what the backward needs."""

@@ -82,7 +82,7 @@ class Tape:
 class RHS:
     """One call's view of the user's functions: parameters, shapes, dtypes, counters."""
 
-    def __init__(self, parts, params, shape, dtype, device, sign, stats, tape=None):
+    def __init__(self, parts, params, shape, dtype, device, sign, stats, tape=None, staging=None):
         self.parts = parts            # {"explicit": f} and/or {"implicit": f}
         self.params = params          # tensors that need a gradient
         self.shape = shape
@@ -91,6 +91,7 @@ class RHS:
         self.sign = sign
         self.stats = stats
         self.tape = tape
+        self.staging = staging        # pnode._staging.Staging unless f runs on PETSc's memory as is
         self._graph = None            # ((part, point key), [y_in, out, u, g]) at PETSc's last point
 
     # -- evaluation -----------------------------------------------------------------
@@ -98,8 +99,9 @@ class RHS:
         return torch.tensor(self.sign * s, dtype=self.dtype, device=self.device)
 
     def _model_input(self, y_flat, copy):
-        y = y_flat.to(device=self.device, dtype=self.dtype, copy=copy)
-        return y.view(self.shape)
+        if self.staging is not None:
+            return self.staging.to_model(y_flat, copy).view(self.shape)
+        return (y_flat.clone() if copy else y_flat).view(self.shape)
 
     def _call(self, part, s, y):
         try:
@@ -137,9 +139,12 @@ class RHS:
                 out = self._call(part, s, y_in)
             self.tape.record(ts.getStepNumber(), part, u.getId(), s, y_ref, y_in, out)
             out = out.detach()
-        out_flat.copy_(out.reshape(-1))
-        if self.sign < 0:
-            out_flat.neg_()
+        if self.staging is not None:
+            self.staging.to_petsc(out, out_flat, self.sign)
+        else:
+            out_flat.copy_(out.reshape(-1))
+            if self.sign < 0:
+                out_flat.neg_()
 
     # -- derivatives ----------------------------------------------------------------
     def _point_graph(self, part, point, y_flat):
@@ -229,7 +234,7 @@ class RHS:
             g, = torch.autograd.grad(out, y_in, e.view(self.shape), retain_graph=True, allow_unused=True)
             rows.append(torch.zeros(batch, d, dtype=out.dtype, device=out.device) if g is None
                         else g.reshape(batch, d))
-        blocks = torch.stack(rows, dim=1).to(y_flat.dtype)
+        blocks = torch.stack(rows, dim=1).to(device=y_flat.device, dtype=y_flat.dtype)
         return -blocks if self.sign < 0 else blocks
 
     def dense_jacobian(self, part, point, y_flat):
@@ -240,7 +245,7 @@ class RHS:
         jac = torch.stack([g.reshape(-1) if g is not None else torch.zeros(n, dtype=out.dtype)
                            for g in (torch.autograd.grad(out, y_in, eye[i], retain_graph=True,
                                                          allow_unused=True)[0] for i in range(n))])
-        jac = jac.to(y_flat.dtype)
+        jac = jac.to(device=y_flat.device, dtype=y_flat.dtype)
         return -jac if self.sign < 0 else jac
 
     @staticmethod

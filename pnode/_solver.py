@@ -19,6 +19,7 @@ import torch
 from ._errors import NonFiniteError, PnodeError, SolverError
 from ._initial_step import initial_step
 from ._petsc import PETSc
+from ._staging import Staging
 from ._ts_builder import apply_options, build_ts
 
 _REASONS = {getattr(PETSc.TS.ConvergedReason, name): name
@@ -91,6 +92,16 @@ class Solver:
             self._views[key] = views
         return views
 
+    def staging(self, dtype, device):
+        """Buffers between PETSc's memory and a model of another dtype or device, made once."""
+        if dtype == self.u_view.dtype and device == self.u_view.device:
+            return None
+        key = ("staging", dtype, device)
+        buffers = self._views.get(key)
+        if buffers is None:
+            buffers = self._views[key] = Staging(self.n, self.u_view.dtype, dtype, device)
+        return buffers
+
     # -- TS callbacks -------------------------------------------------------------------
     def rhs_function(self, ts, s, u, F):
         self._h = ts.getTimeStep()  # the step size of the attempt being evaluated
@@ -160,12 +171,13 @@ class Solver:
 
     def jvp(self, part, point, x, y, shift, scale):
         jv = self.rhs.jvp(part, point, self.view(point.vec), self.view(x))
-        self._finish(jv.reshape(-1).to(self.u_view.dtype), x, y, shift, None, scale)
+        self._finish(jv.reshape(-1).to(self.u_view.device, self.u_view.dtype), x, y, shift, None, scale)
 
     def state_vjp(self, part, point, x, y, shift, add=None, scale=1.0):
         want_p = part in self.pjac
         gy, gp = self.rhs.vjp(part, point, self.view(point.vec), self.view(x), want_p)
-        value = gy.reshape(-1).to(self.u_view.dtype) if gy is not None else torch.zeros_like(self.u_view)
+        value = gy.reshape(-1).to(self.u_view.device, self.u_view.dtype) if gy is not None \
+            else torch.zeros_like(self.u_view)
         self._finish(value, x, y, shift, add, scale)
         self._pcache = (part, point.key, x.getId(), x.stateGet(), gp) if want_p else None
 
@@ -191,7 +203,7 @@ class Solver:
 
         def f(s, y):
             rhs.stats.rhs_evals += 1
-            out = sum(rhs.value(part, s, y) for part in self.parts).reshape(-1).to(y.dtype)
+            out = sum(rhs.value(part, s, y) for part in self.parts).reshape(-1).to(y.device, y.dtype)
             return -out if rhs.sign < 0 else out
         return initial_step(f, times[0], y0.clone(), cfg.method.order, cfg.rtol, cfg.atol, span)
 
@@ -231,6 +243,7 @@ class Solver:
         st.newton_iterations = ts.getSNESIterations()
         st.krylov_iterations = ts.getKSPIterations()
         st.step_times = [rhs.sign * s for s in self._step_times]
+        st.device_path = rhs.staging.path if rhs.staging is not None else "shared memory (DLPack)"
         st.trajectory_bytes = st.steps * self.step_bytes if owner is not None else 0
         st.forward_seconds = _time.perf_counter() - start
         return ys

@@ -15,6 +15,7 @@ class Stats:
 
     method: str = ""
     memory: str = ""
+    device_path: str = ""
     steps: int = 0
     rejected_steps: int = 0
     rhs_evals: int = 0

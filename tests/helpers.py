@@ -25,7 +25,7 @@ class MLP(nn.Module):
 def loss_fn(ys, seed=1):
     """A loss that depends nonlinearly on every output time."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(ys.shape, generator=g, dtype=torch.float64).to(ys.dtype)
+    w = torch.randn(ys.shape, generator=g, dtype=torch.float64).to(ys.device, ys.dtype)
     return (w * ys).sum() + 0.5 * (ys ** 2).sum()
 
 

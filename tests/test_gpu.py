@@ -1,0 +1,60 @@
+"""Models on another device or dtype than PETSc's memory: the staging path.
+
+PETSc from PyPI keeps Vecs on the host in float64. The staging logic is exercised
+here on the CPU with a float32 model; the CUDA tests skip cleanly without a GPU."""
+
+import pytest
+import torch
+
+import pnode
+from helpers import MLP, loss_fn, rel_err
+from pnode._staging import Staging
+
+T = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_staging_reuses_its_buffers():
+    st = Staging(6, torch.float64, torch.float32, torch.device("cpu"))
+    a = torch.arange(6, dtype=torch.float64)
+    first = st.to_model(a, copy=False)
+    second = st.to_model(a * 2, copy=False)
+    assert first.data_ptr() == second.data_ptr()  # no allocation per call
+    assert second.dtype == torch.float32 and torch.equal(second, (a * 2).float())
+    fresh = st.to_model(a, copy=True)
+    assert fresh.data_ptr() != second.data_ptr()  # the tape owns its input
+    out = torch.empty(6, dtype=torch.float64)
+    st.to_petsc(torch.ones(2, 3), out, scale=-1.0)
+    assert torch.equal(out, -torch.ones(6, dtype=torch.float64))
+
+
+def test_float32_model_goes_through_staging():
+    func = MLP(seed=0).float()
+    y0 = torch.randn(3, 3).requires_grad_()
+    ys, stats = pnode.odeint(func, y0, T.float(), method="rk4", options={"step_size": 0.1},
+                             return_stats=True)
+    assert stats.device_path == "host staging"
+    loss_fn(ys).backward()
+    assert y0.grad.dtype == torch.float32
+    ys64, stats64 = pnode.odeint(MLP(seed=0), y0.detach().double(), T, method="rk4",
+                                 options={"step_size": 0.1}, return_stats=True)
+    assert stats64.device_path == "shared memory (DLPack)"
+    assert rel_err(ys, ys64) <= 1e-5
+
+
+@cuda
+@pytest.mark.parametrize("method, options", [("dopri5", {}), ("rk4", {"step_size": 0.1}),
+                                             ("beuler", {"step_size": 0.1})])
+def test_cuda_model_matches_cpu(method, options):
+    func = MLP(seed=1)
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    ys = pnode.odeint(func, y0, T, method=method, options=options)
+    g = torch.autograd.grad(loss_fn(ys), [y0] + list(func.parameters()))
+    func_cuda = MLP(seed=1).cuda()
+    y0c = y0.detach().cuda().requires_grad_()
+    ysc, stats = pnode.odeint(func_cuda, y0c, T.cuda(), method=method, options=options, return_stats=True)
+    assert ysc.is_cuda and "staging" in stats.device_path
+    gc = torch.autograd.grad(loss_fn(ysc), [y0c] + list(func_cuda.parameters()))
+    assert rel_err(ysc.cpu(), ys) <= 1e-12
+    for a, b in zip(gc, g):
+        assert a.is_cuda and rel_err(a.cpu(), b) <= 1e-10
