@@ -22,6 +22,25 @@ class MLP(nn.Module):
         return self.l2(torch.tanh(self.l1(torch.cat([y, torch.sin(tt)], -1)))) - 0.1 * y
 
 
+class Stiff(nn.Module):
+    """dy/dt = -k * y + mlp(t, y): stiff linear decay (rates k) plus a nonlinear part,
+    with the IMEX split exposed as stiff() and nonstiff()."""
+
+    def __init__(self, seed=1, rates=(20.0, 5.0, 50.0)):
+        super().__init__()
+        self.mlp = MLP(seed=seed)
+        self.k = nn.Parameter(torch.tensor(rates, dtype=torch.float64))
+
+    def forward(self, t, y):
+        return self.stiff(t, y) + self.nonstiff(t, y)
+
+    def stiff(self, t, y):
+        return -self.k * y
+
+    def nonstiff(self, t, y):
+        return self.mlp(t, y)
+
+
 def loss_fn(ys, seed=1):
     """A loss that depends nonlinearly on every output time."""
     g = torch.Generator().manual_seed(seed)
