@@ -53,7 +53,6 @@ class Solver:
         self.mu_view = self.view(self.mu) if n_params else None
         self.trajectory_owner = None   # the run whose trajectory the TS holds
         self._has_trajectory = True    # build_ts sets one up
-        self._trajectory_dirty = False
         self._step_times = []
         self.step_sizes = []
         self._h = None
@@ -292,16 +291,22 @@ class Solver:
         return self.lam_view.clone(), self.mu_view.clone() if self.n_params else None
 
     def _prepare_trajectory(self, wanted):
+        """Give a recorded forward a brand-new PETSc trajectory.
+
+        Reusing one is unsafe: PETSc 3.26's memory trajectory, set up again after it
+        reset itself, raises its stack size for a longer solve but keeps the old,
+        smaller stack, and the next pushes write past it (a segfault seen when a
+        cached solver went from 10 to 20 steps). A stale trajectory of a forward
+        that no adjoint consumed must not leak into the next solve either.
+        """
         ts = self.ts
-        if self._has_trajectory and (self._trajectory_dirty or not wanted):
-            # An unconsumed trajectory (no adjoint ran) must not leak into the next solve.
+        if self._has_trajectory:
             ts.removeTrajectory()
             self._has_trajectory = False
-        if wanted and not self._has_trajectory:
+        if wanted:
             ts.setSaveTrajectory()
             apply_options(ts)
             self._has_trajectory = True
-        self._trajectory_dirty = wanted
 
     def backward(self, rhs, grad_ys):
         """Given dL/dy(t_i) as a (len(times), n) tensor, return (dL/dy0, dL/dp)."""
@@ -317,9 +322,7 @@ class Solver:
             self._adjoint_segment(steps[i] - steps[i - 1])
             self.lam_view.add_(grad_ys[i - 1])
             self.lam.stateIncrease()
-        # PETSc's memory trajectory resets itself when the adjoint reaches step 0.
         self.trajectory_owner = None
-        self._trajectory_dirty = False
         self._pcache = None
         rhs.release_graph()
         rhs.stats.backward_seconds = _time.perf_counter() - start
@@ -336,20 +339,96 @@ class Solver:
                                  hint="the loss gradient or the Jacobian of func overflows")
 
     def _run(self, call, *args, phase):
+        # petsc4py's own error handler keeps PETSc's message in the exception (the
+        # "traceback" handler prints it to stderr instead, once per failed call).
+        PETSc.Sys.pushErrorHandler("python")
         try:
             call(*args)
+            return
         except PnodeError:
             raise
         except PETSc.Error as exc:
-            raise self._failure(f"PETSc error {exc.ierr}", phase, self.ts.getConvergedReason()) from exc
+            error = exc
+        finally:
+            PETSc.Sys.popErrorHandler()
+        # A Python exception raised in a callback (func, a shell, the post-step check)
+        # comes back as PETSc.Error(PETSC_ERR_PYTHON) with the original as __cause__:
+        # surface the original, not the error code.
+        cause = error.__cause__
+        while isinstance(cause, PETSc.Error):
+            cause = cause.__cause__
+        if cause is None:
+            failure = self._failure(None, phase, self.ts.getConvergedReason(), error)
+        else:
+            error.__cause__ = None  # the cause no longer refers to the PETSc error (no cycle)
+            if callable(getattr(cause, "locate", None)):  # RHSError: add where PETSc was
+                cause.locate(step=self.ts.getStepNumber(), phase=phase)
+            failure = cause
+        # PETSc does not unwind after an error: the vectors a callback was given stay
+        # read-locked and borrowed work vectors stay borrowed, so the next solve on this
+        # TS would fail ("Object is in wrong state"). Start over with a fresh TS.
+        try:
+            self.ts.destroy()
+            type(self).__init__(self, self.config, self.n, self.n_params, self.parts, self.comm)
+        except Exception as exc:  # keep the original failure; this solver stays unusable
+            failure.add_note(f"pnode could not rebuild the PETSc solver after the failure: {exc!r}")
+        if failure is cause:
+            raise cause
+        raise failure from error
 
-    def _failure(self, message, phase, reason):
+    def _failure(self, message, phase, reason, error=None):
+        """A SolverError (NonFiniteError for NaN/Inf) saying where PETSc stopped and why."""
         ts = self.ts
         hints = {
-            "DIVERGED_STEP_REJECTED": "too many rejected steps: loosen rtol/atol or set options['first_step']",
-            "DIVERGED_NONLINEAR_SOLVE": "Newton failed: reduce the step size or pass petsc_options for SNES",
+            "DIVERGED_STEP_REJECTED": "too many rejected steps in a row (the step size shrank without "
+                                      "passing the error test): loosen rtol/atol, set options['first_step'] "
+                                      "or raise options['max_rejections']; a stiff func needs an implicit "
+                                      "method (beuler, cn, arkimex)",
+            "DIVERGED_NONLINEAR_SOLVE": "Newton failed: reduce options['step_size'] (fixed steps), or pass "
+                                        "SNES options such as petsc_options={'snes_max_it': 200}; check that "
+                                        "func is differentiable in y",
             "DIVERGED_MAX_STEPS": "raise options['max_num_steps']",
         }
-        name = reason_name(reason)
-        return SolverError(message, phase=phase, time=self.rhs.sign * ts.getTime(), step=ts.getStepNumber(),
-                           step_size=ts.getTimeStep(), reason=name, hint=hints.get(name))
+        def _enum_name(enum, code):
+            return next((k for k in dir(enum) if k.isupper() and getattr(enum, k) == code), str(code))
+
+        name = reason_name(reason) if isinstance(reason, int) else reason
+        details = []
+        if error is not None:
+            # PETSc's own words: the entries of petsc4py's traceback that are not "f() at file:line".
+            words = [str(e) for e in getattr(error, "_traceback", ()) if "() at " not in str(e)]
+            details.append(f"PETSc error {error.ierr}" + (f": {words[-1]}" if words else ""))
+        residual = None
+        nonfinite = error is not None and error.ierr == 72  # PETSC_ERR_FP
+        if "implicit" in self.parts:
+            snes = ts.getSNES()
+            try:  # the adjoint runs transposed Krylov solves, no Newton: SNES is the forward's
+                snes_reason = snes.getConvergedReason() if phase == "forward" else 0
+                residual = snes.getFunctionNorm() if phase == "forward" else None
+                ksp_reason = snes.getKSP().getConvergedReason()
+            except PETSc.Error:
+                snes_reason = ksp_reason = 0
+            if snes_reason < 0:
+                snes_name = _enum_name(PETSc.SNES.ConvergedReason, snes_reason)
+                details.append(f"Newton (SNES) {snes_name} after {snes.getIterationNumber()} iterations")
+                nonfinite = nonfinite or "NAN" in snes_name
+            if ksp_reason < 0:
+                ksp_name = _enum_name(PETSc.KSP.ConvergedReason, ksp_reason)
+                details.append(f"Krylov (KSP) {ksp_name} after {snes.getKSP().getIterationNumber()} iterations")
+                hints["DIVERGED_NONLINEAR_SOLVE"] = (
+                    "the linear solves inside Newton failed: try options['jacobian']='dense' (small "
+                    "states), or petsc_options={'ksp_max_it': 2000} / another 'pc_type'")
+            if residual is not None and not math.isfinite(residual):
+                nonfinite = True
+        hint = hints.get(name)
+        cls = SolverError
+        if nonfinite:
+            cls = NonFiniteError
+            hint = ("reduce the step size or rtol/atol, or check func for overflow" if phase == "forward"
+                    else "the loss gradient or the Jacobian of func overflows")
+            details.insert(0, f"NaN or Inf in the {'state' if phase == 'forward' else 'adjoint'}")
+        if message:
+            details.insert(0, message)
+        return cls("; ".join(details) or "the solver stopped", phase=phase, time=self.rhs.sign * ts.getTime(),
+                   step=ts.getStepNumber(), step_size=ts.getTimeStep(), residual=residual,
+                   reason=name if name not in ("ITERATING", "CONVERGED_ITERATING") else None, hint=hint)

@@ -153,3 +153,22 @@ def test_gradient_reaches_only_requested_inputs():
     ys = pnode.odeint(func, y0, T, method="dopri5")
     loss_fn(ys).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in func.parameters())
+
+
+@pytest.mark.parametrize("memory", ["graphs", "states"])
+def test_reused_solver_takes_more_steps_than_its_first_solve(memory):
+    """A cached solver's second solve with 10x the steps: PETSc's memory trajectory, if
+    reused after resetting itself, overflows its stack (it segfaulted here)."""
+    func, y0 = _problem(19)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    results = []
+    for n in (10, 100, 10):
+        ys = pnode.odeint(func, y0, t, method="rk4", options={"step_size": 1.0 / n, "memory": memory})
+        results.append(torch.autograd.grad(loss_fn(ys), [y0] + list(func.parameters())))
+    fresh, fresh_y0 = _problem(19)
+    ys = pnode.odeint(fresh, fresh_y0, t, method="rk4", options={"step_size": 0.01, "memory": memory})
+    g = torch.autograd.grad(loss_fn(ys), [fresh_y0] + list(fresh.parameters()))
+    for a, b in zip(results[1], g):
+        assert rel_err(a, b) == 0.0
+    for a, b in zip(results[2], results[0]):
+        assert rel_err(a, b) == 0.0
