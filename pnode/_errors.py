@@ -20,6 +20,7 @@ class SolverError(PnodeError):
 
     def __init__(self, message, *, phase, time=None, step=None, step_size=None,
                  residual=None, reason=None, hint=None):
+        self.message = message
         self.phase = phase
         self.time = time
         self.step = step
@@ -46,6 +47,13 @@ class SolverError(PnodeError):
             text += f". Hint: {hint}"
         super().__init__(text)
 
+    def __reduce__(self):  # keyword-only arguments: pickle (multiprocessing) needs help
+        return _rebuild, (type(self), self.message, self._fields())
+
+    def _fields(self):
+        return {k: getattr(self, k) for k in ("phase", "time", "step", "step_size", "residual",
+                                              "reason", "hint")}
+
 
 class NonFiniteError(SolverError):
     """NaN or Inf appeared in the state (forward) or the adjoint (backward)."""
@@ -54,5 +62,42 @@ class NonFiniteError(SolverError):
 class RHSError(PnodeError):
     """The user's right-hand side raised or returned something unusable.
 
-    The original exception is chained as ``__cause__``.
+    The original exception is chained as ``__cause__``. Attributes: ``time``
+    (the user's time of the failing call), ``step`` (the index of the step
+    being taken, None before the first step), ``phase`` ("forward" or
+    "backward"; None before PETSc ran) and ``message``.
     """
+
+    def __init__(self, message, *, time=None, step=None, phase=None):
+        self.message = message
+        self.time = time
+        self.step = step
+        self.phase = phase
+        super().__init__(self._text())
+
+    def _text(self):
+        where = []
+        if self.phase is not None:
+            where.append(f"{self.phase} solve")
+        if self.time is not None:
+            where.append(f"t={self.time:.6g}")
+        if self.step is not None:
+            where.append(f"step {self.step}")
+        return f"{self.message} (at {', '.join(where)})" if where else self.message
+
+    def locate(self, *, step=None, phase=None):
+        """Add where PETSc was when the call failed (the solver knows, the caller did not)."""
+        if self.step is None:
+            self.step = step
+        if self.phase is None:
+            self.phase = phase
+        self.args = (self._text(),)
+        return self
+
+    def __reduce__(self):
+        return _rebuild, (type(self), self.message,
+                          {"time": self.time, "step": self.step, "phase": self.phase})
+
+
+def _rebuild(cls, message, fields):
+    return cls(message, **fields)

@@ -60,8 +60,10 @@ class _SolverCache:
     def __init__(self):
         self.solvers = {}
 
-    def get(self, config, n, n_params, parts):
-        key = (config.solver_key(), n, n_params, parts)
+    def get(self, config, n, n_params, parts, n_times=None):
+        # PETSc 3.26's TSSetEvaluationTimes frees its arrays and writes into NULL when
+        # the number of times changes, so a TS serves one len(t) only.
+        key = (config.solver_key(), n, n_params, parts, n_times)
         solver = self.solvers.get(key)
         if solver is None:
             solver = self.solvers[key] = Solver(config, n, n_params, parts)
@@ -85,7 +87,8 @@ def _integrate(cache, func, y0, t, config, params, stats):
     times = check_time(t, y0)
     config = config.for_state(y0)
     parts = _parts(func, config.method)
-    solver = cache.get(config, y0.numel(), sum(p.numel() for p in params), tuple(sorted(parts)))
+    solver = cache.get(config, y0.numel(), sum(p.numel() for p in params), tuple(sorted(parts)),
+                       len(times))
     run = Run(cache, solver, parts, params, y0, times, config, stats)
     if torch.is_grad_enabled() and (y0.requires_grad or params):
         return PnodeFunction.apply(run, y0, *params)

@@ -4,13 +4,16 @@ Every mistake is reported before PETSc runs, with the argument's name and the
 fix; unknown option keys are an error, never silently ignored.
 """
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
 
 import torch
 
 from ._methods import Method, get_method
+from ._petsc import PETSc
 
 MEMORY_MODES = ("graphs", "states")
 JACOBIANS = ("blockdiag", "dense", "matrix-free")
@@ -100,11 +103,22 @@ def make_config(method, rtol, atol, options, petsc_options):
     kw = {}
     for key in ("step_size", "first_step"):
         if options.get(key) is not None:
-            kw[key] = _positive(f"options['{key}']", options[key])
+            value = options[key]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+                raise ValueError(f"options['{key}'] must be positive, got {value!r}: step sizes are "
+                                 "magnitudes, the direction of integration comes from t (pass a "
+                                 f"decreasing t to integrate backwards, and options['{key}']={-value!r})")
+            kw[key] = _positive(f"options['{key}']", value)
     for key in ("max_num_steps", "max_rejections", "checkpoints"):
         if key in options:
             value = options[key]
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)  # 1e6 reads as a count
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                if key == "checkpoints":
+                    raise ValueError(f"options['checkpoints'] must be an integer >= 1, got {value!r}: the "
+                                     "budget counts the stored states, y0 included, so 1 is the minimum "
+                                     "(fewest states, most recomputation); leave it out to store every step")
                 raise ValueError(f"options['{key}'] must be a positive integer, got {value!r}")
             kw[key] = value
     if "memory" in options:
@@ -126,7 +140,88 @@ def make_config(method, rtol, atol, options, petsc_options):
         kw["theta"] = float(theta)
     elif m.theta is not None:
         kw["theta"] = m.theta
-    return Config(method=m, rtol=rtol, atol=atol, petsc_options=_petsc_options(petsc_options), **kw)
+    petsc_items = _petsc_options(petsc_options)
+    if petsc_items:
+        _check_petsc_options(m, petsc_items)
+    return Config(method=m, rtol=rtol, atol=atol, petsc_options=petsc_items, **kw)
+
+
+# Options pnode sets from its own arguments; overriding them breaks the discrete adjoint.
+_RESERVED = {"ts_type": "method=", "ts_rtol": "rtol=", "ts_atol": "atol=",
+             "ts_max_steps": "options['max_num_steps']", "ts_dt": "options['step_size'] or options['first_step']",
+             "ts_max_reject": "options['max_rejections']", "ts_exact_final_time": "the output times t",
+             "ts_save_trajectory": "nothing: pnode keeps what the backward needs",
+             "ts_trajectory_type": "options['checkpoints']"}
+
+
+def _petsc_words(error):
+    """PETSc's own message in a petsc4py error raised under the "python" error handler."""
+    words = [str(e) for e in getattr(error, "_traceback", ()) if "() at " not in str(e)]
+    return words[-1] if words else f"PETSc error code {error.ierr}"
+
+
+@functools.lru_cache(maxsize=256)
+def _petsc_verdict(ts_type, items):
+    """(PETSc's complaint or None, keys PETSc never read) for these options on a bare TS.
+
+    A throwaway TS of the method's type under a private prefix reads the options
+    (TS, TSAdapt, SNES, KSP and PC all parse theirs in TSSetFromOptions); nothing
+    is left in the options database. Cached: odeint checks on every call.
+    """
+    db = PETSc.Options()
+    prefix = "pnodecheck_"
+    ts = PETSc.TS().create(comm=PETSc.COMM_SELF)
+    PETSc.Sys.pushErrorHandler("python")  # keeps PETSc's message in the exception, off stderr
+    try:
+        ts.setOptionsPrefix(prefix)
+        ts.setType(ts_type)
+        for key, value in items:
+            db.setValue(f"-{prefix}{key}", value)
+        try:
+            ts.setFromOptions()
+        except PETSc.Error as exc:
+            return _petsc_words(exc), ()
+        return None, tuple(key for key, _ in items if not db.used(f"-{prefix}{key}"))
+    finally:
+        PETSc.Sys.popErrorHandler()
+        for key, _ in items:
+            db.delValue(f"-{prefix}{key}")
+        ts.destroy()
+
+
+# Families of options the dry run reads in full, and families it cannot judge (read later,
+# by another object, or only under a solver type pnode picks per state).
+_PARSED = ("ts", "snes", "ksp")
+_OTHER = ("pc", "mat", "vec", "dm", "is", "sf", "log", "options", "malloc", "info", "viewer", "draw",
+          "help", "history", "on", "fp", "check", "memory", "objects", "python", "saws", "sys",
+          "petsc", "tao", "da", "start", "stop", "debugger", "no", "skip", "use", "device", "cuda",
+          "hip", "sycl", "kokkos", "blas", "mpi", "error", "citations", "nox", "x", "display")
+
+
+def _surely_unused(key):
+    family = key.split("_", 1)[0]
+    if family in _PARSED:
+        return "view" not in key and not key.startswith(("ts_trajectory", "ts_adjoint"))
+    return family not in _OTHER
+
+
+def _check_petsc_options(method, items):
+    for key, _ in items:
+        if key in _RESERVED:
+            raise ValueError(f"petsc_options[{key!r}] is set by pnode; use {_RESERVED[key]} instead")
+    complaint, unused = _petsc_verdict(method.ts_type, items)
+    if complaint is not None:
+        # Name the culprit: the options PETSc rejects on their own (else the combination).
+        bad = [(k, v) for k, v in items if _petsc_verdict(method.ts_type, ((k, v),))[0] is not None] or items
+        named = ", ".join(f"{k!r}: {v!r}" for k, v in bad)
+        reason = _petsc_verdict(method.ts_type, tuple(bad))[0] if bad != items else complaint
+        raise ValueError(f"PETSc rejected petsc_options {{{named}}}: {reason}")
+    unused = [key for key in unused if _surely_unused(key)]
+    if unused:
+        warnings.warn(f"petsc_options {list(unused)} were not read by PETSc's {method.ts_type!r} TS: "
+                      "misspelt, or not an option of this method's solvers? They have no effect "
+                      "(PETSc names option keys without the leading '-' here, e.g. 'ts_adapt_type')",
+                      stacklevel=4)
 
 
 def check_time(t, y0):
@@ -137,6 +232,11 @@ def check_time(t, y0):
         raise ValueError(f"t must be 1-D with at least 2 times, got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         raise TypeError(f"t must be a floating-point tensor, got dtype {t.dtype}")
+    if t.device.type == "meta":
+        raise ValueError("t is on the meta device and holds no values; pass real output times")
+    if t.device != y0.device and t.device.type != "cpu":
+        raise ValueError(f"t is on {t.device} but y0 is on {y0.device}; pass t on y0's device or on "
+                         "the CPU: t.to(y0.device)")
     if t.requires_grad:
         raise ValueError("t requires grad, but pnode does not differentiate with respect to the output "
                          "times; pass t.detach()")
@@ -158,8 +258,19 @@ def check_y0(y0):
         raise TypeError("y0 is complex; pnode integrates real states (split real and imaginary parts)")
     if not y0.is_floating_point():
         raise TypeError(f"y0 must be a floating-point tensor, got dtype {y0.dtype}; use y0.double() or y0.float()")
+    if y0.device.type == "meta":
+        raise ValueError("y0 is on the meta device and holds no values; pnode integrates real data: "
+                         "create y0 on the CPU or a GPU (the device of func's parameters)")
     if not bool(torch.isfinite(y0).all()):
         raise ValueError("y0 contains NaN or Inf")
+
+
+def check_devices(y0, params):
+    """Parameters of func must live where y0 does: PETSc hands func tensors on y0's device."""
+    for p in params:
+        if p.device != y0.device:
+            raise ValueError(f"y0 is on {y0.device} but func has parameters on {p.device}; move one "
+                             f"of them: y0.to({str(p.device)!r}) or func.to({str(y0.device)!r})")
 
 
 def check_step_sign(config, times):

@@ -104,17 +104,21 @@ class RHS:
         return (y_flat.clone() if copy else y_flat).view(self.shape)
 
     def _call(self, part, s, y):
+        # The solver adds the step and phase (RHSError.locate) when the error crosses PETSc.
+        time = self.sign * s
+        name = "func" if len(self.parts) == 1 else f"func ({part} part)"
         try:
             out = self.parts[part](self._time(s), y)
         except Exception as exc:
-            raise RHSError(f"func raised {type(exc).__name__} at t={self.sign * s:.6g}: {exc}") from exc
+            raise RHSError(f"{name} raised {type(exc).__name__}: {exc}", time=time) from exc
         if not isinstance(out, torch.Tensor):
-            raise RHSError(f"func must return a torch.Tensor, got {type(out).__name__}")
+            raise RHSError(f"{name} must return a torch.Tensor shaped like y, got {type(out).__name__}",
+                           time=time)
         if out.shape != y.shape or out.dtype != y.dtype or out.device != y.device:
             raise RHSError(
-                f"func returned shape {tuple(out.shape)}, dtype {out.dtype}, device {out.device} "
+                f"{name} returned shape {tuple(out.shape)}, dtype {out.dtype}, device {out.device} "
                 f"for y of shape {tuple(y.shape)}, dtype {y.dtype}, device {y.device}; "
-                "dy/dt must match y in all three")
+                "dy/dt must match y in all three", time=time)
         return out
 
     def value(self, part, s, y_flat):

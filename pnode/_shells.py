@@ -17,6 +17,12 @@ so their Jacobian is ``shift * I - df/dy`` and their parameter Jacobian is
 
 import torch
 
+from ._errors import PnodeError
+
+
+class PreconditionerError(PnodeError):
+    """The block-diagonal preconditioner met a singular block."""
+
 
 class Point:
     """Where a Jacobian is evaluated: time, state Vec, step index, shift."""
@@ -123,14 +129,29 @@ class BlockDiagonalPC:
     def __init__(self, bridge, point):
         self.bridge = bridge
         self.point = point      # the implicit Jacobian's point, for its scale
+        self.pending = None     # (blocks callback, shift) until the first application
         self.lu = None
         self.pivots = None
 
-    def factor(self, blocks, shift):
-        eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
-        self.lu, self.pivots = torch.linalg.lu_factor(shift * eye - blocks)
+    def prepare(self, blocks, shift):
+        """Factor lazily: PETSc also builds Jacobians it never solves with (ARKIMEX's
+        adjoint passes shift 0 for explicit stages, which can be singular)."""
+        self.pending = (blocks, shift)
+
+    def _factor(self):
+        blocks, shift = self.pending
+        self.pending = None
+        b = blocks()
+        eye = torch.eye(b.shape[-1], dtype=b.dtype, device=b.device)
+        self.lu, self.pivots, info = torch.linalg.lu_factor_ex(shift * eye - b)
+        if bool((info > 0).any()):
+            raise PreconditionerError(
+                f"a per-sample block of shift*I - df/dy is singular (shift={shift:.3g}); "
+                "use options['jacobian']='dense' or 'matrix-free'")
 
     def _solve(self, x, y, adjoint):
+        if self.pending is not None:
+            self._factor()
         b = x.view(self.lu.shape[0], -1, 1).to(self.lu.dtype)
         sol = torch.linalg.lu_solve(self.lu, self.pivots, b, adjoint=adjoint)
         if self.point.scale != 1.0:

@@ -120,8 +120,12 @@ class Solver:
     def ijacobian(self, ts, s, u, udot, shift, A, P):
         self.jac["implicit"].point.set(s, u, ts.getStepNumber(), shift)
         if self.pc is not None:
-            self.rhs.stats.jacobians += 1
-            self.pc.factor(self.rhs.jacobian_blocks("implicit", self.jac["implicit"].point, self.view(u)), shift)
+            point, y = self.jac["implicit"].point, self.view(u)
+
+            def blocks():
+                self.rhs.stats.jacobians += 1
+                return self.rhs.jacobian_blocks("implicit", point, y)
+            self.pc.prepare(blocks, shift)
         elif self.dense is not None:
             self.rhs.stats.jacobians += 1
             jac = self.rhs.dense_jacobian("implicit", self.jac["implicit"].point, self.view(u))

@@ -172,3 +172,15 @@ def test_reused_solver_takes_more_steps_than_its_first_solve(memory):
         assert rel_err(a, b) == 0.0
     for a, b in zip(results[2], results[0]):
         assert rel_err(a, b) == 0.0
+
+
+def test_number_of_output_times_can_change_between_calls():
+    """PETSc's TSSetEvaluationTimes writes into freed memory when the count changes;
+    pnode keeps one TS per len(t)."""
+    func, y0 = _problem(23)
+    node = pnode.NeuralODE(func, method="dopri5")
+    for n in (10, 11, 3, 10):
+        t = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+        ys = node(y0, t)
+        ref = pnode.odeint(MLP(seed=23), y0.detach(), t, method="dopri5")
+        assert ys.shape[0] == n and rel_err(ys, ref) == 0.0
