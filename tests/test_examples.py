@@ -1,0 +1,62 @@
+"""The examples run end to end in their --quick mode and meet their own checks.
+
+Each runs in a subprocess, the way a user runs it, from the repository root;
+the test checks the exit status (every quick run asserts its metric and exits
+non-zero when it misses), the figure, and the metric line the script prints.
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_quick(name, tmp_path):
+    png = tmp_path / "x.png"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / f"{name}.py"), "--quick", "--out", str(png)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert png.is_file(), output[-2000:]
+    data = png.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 1000
+    return proc.stdout
+
+
+def result(stdout, pattern):
+    match = re.search(r"^RESULT " + pattern, stdout, re.MULTILINE)
+    assert match, stdout[-2000:]
+    return [float(g) for g in match.groups()]
+
+
+@pytest.mark.slow
+def test_classify_digits_quick(tmp_path):
+    out = run_quick("classify_digits", tmp_path)
+    acc, = result(out, r"pnode_rk4_test_accuracy=(\S+)")
+    assert acc > 0.8
+    assert "| pnode rk4 |" in out and "| torchdiffeq rk4 adjoint |" in out and "| resnet |" in out
+
+
+@pytest.mark.slow
+def test_cnf_quick(tmp_path):
+    out = run_quick("cnf", tmp_path)
+    nll, baseline = result(out, r"test_nll=(\S+) gaussian_nll=(\S+)")
+    assert nll < baseline
+
+
+@pytest.mark.slow
+def test_latent_timeseries_quick(tmp_path):
+    out = run_quick("latent_timeseries", tmp_path)
+    initial, final = result(out, r"pnode_initial_mse=(\S+) pnode_final_mse=(\S+)")
+    assert final < 0.5 * initial
+
+
+def test_three_body_quick(tmp_path):
+    out = run_quick("three_body", tmp_path)
+    err, = result(out, r"max_rel_mass_error=(\S+)")
+    assert err < 0.01
