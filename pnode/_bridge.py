@@ -117,10 +117,15 @@ class PnodeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, y0, *params):
         ctx.run = run
-        return run.forward(y0, need_grad=True)
+        ys = run.forward(y0, need_grad=True)
+        # Saved only so that a second backward without retain_graph gets PyTorch's usual
+        # error: autograd frees saved tensors after the first one.
+        ctx.save_for_backward(ys)
+        return ys
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_ys):
+        ctx.saved_tensors  # noqa: B018  (raises on a second backward without retain_graph)
         grad_y0, grad_params = ctx.run.backward(grad_ys)
         return (None, grad_y0, *grad_params)
