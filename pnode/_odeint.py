@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ._bridge import PnodeFunction, Run
-from ._options import check_time, check_y0, make_config
+from ._options import check_devices, check_time, check_y0, make_config
 from ._solver import Solver
 from ._stats import Stats
 
@@ -84,6 +84,7 @@ def _cache_for(func):
 
 def _integrate(cache, func, y0, t, config, params, stats):
     check_y0(y0)
+    check_devices(y0, params)
     times = check_time(t, y0)
     config = config.for_state(y0)
     parts = _parts(func, config.method)

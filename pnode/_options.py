@@ -212,9 +212,9 @@ def _check_petsc_options(method, items):
     complaint, unused = _petsc_verdict(method.ts_type, items)
     if complaint is not None:
         # Name the culprit: the options PETSc rejects on their own (else the combination).
-        bad = [(k, v) for k, v in items if _petsc_verdict(method.ts_type, ((k, v),))[0] is not None] or items
+        bad = tuple(kv for kv in items if _petsc_verdict(method.ts_type, (kv,))[0] is not None) or items
         named = ", ".join(f"{k!r}: {v!r}" for k, v in bad)
-        reason = _petsc_verdict(method.ts_type, tuple(bad))[0] if bad != items else complaint
+        reason = complaint if bad == items else _petsc_verdict(method.ts_type, bad)[0]
         raise ValueError(f"PETSc rejected petsc_options {{{named}}}: {reason}")
     unused = [key for key in unused if _surely_unused(key)]
     if unused:
@@ -271,10 +271,3 @@ def check_devices(y0, params):
         if p.device != y0.device:
             raise ValueError(f"y0 is on {y0.device} but func has parameters on {p.device}; move one "
                              f"of them: y0.to({str(p.device)!r}) or func.to({str(y0.device)!r})")
-
-
-def check_step_sign(config, times):
-    # step sizes are magnitudes: the direction comes from t
-    if config.step_size is not None and config.step_size > abs(times[-1] - times[0]):
-        raise ValueError(f"options['step_size']={config.step_size} exceeds the integration span "
-                         f"{abs(times[-1] - times[0])}")

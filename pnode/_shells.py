@@ -15,6 +15,8 @@ so their Jacobian is ``shift * I - df/dy`` and their parameter Jacobian is
 ``-df/dp``.
 """
 
+import weakref
+
 import torch
 
 from ._errors import PnodeError
@@ -52,7 +54,8 @@ class ExplicitJacobian:
     part = "explicit"
 
     def __init__(self, bridge):
-        self.bridge = bridge
+        # weak: PETSc holds these contexts, a cycle through them is invisible to Python's GC
+        self.bridge = weakref.proxy(bridge)
         self.point = Point()
 
     def mult(self, mat, x, y):
@@ -106,7 +109,8 @@ class ParamJacobian:
     """Shell for the parameter Jacobian of one part: +df/dp (explicit) or -df/dp (implicit)."""
 
     def __init__(self, bridge, part):
-        self.bridge = bridge
+        # weak: PETSc holds these contexts, a cycle through them is invisible to Python's GC
+        self.bridge = weakref.proxy(bridge)
         self.part = part
         self.scale = 1.0 if part == "explicit" else -1.0
         self.point = Point()
@@ -127,7 +131,8 @@ class BlockDiagonalPC:
     """
 
     def __init__(self, bridge, point):
-        self.bridge = bridge
+        # weak: PETSc holds these contexts, a cycle through them is invisible to Python's GC
+        self.bridge = weakref.proxy(bridge)
         self.point = point      # the implicit Jacobian's point, for its scale
         self.pending = None     # (blocks callback, shift) until the first application
         self.lu = None

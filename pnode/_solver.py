@@ -146,6 +146,13 @@ class Solver:
 
     def post_step(self, ts):
         s = ts.getTime()
+        if not s > self._step_times[-1]:
+            # t + dt == t: the step is below the resolution of the time variable, and
+            # PETSc would spin to max_num_steps and return a state short of the end time.
+            raise SolverError("step size underflow: the time no longer advances", phase="forward",
+                              time=self.rhs.sign * s, step=ts.getStepNumber(), step_size=self._h,
+                              reason="STEP_SIZE_UNDERFLOW",
+                              hint="shift t to start near 0, or loosen rtol/atol if the steps collapsed")
         self._step_times.append(s)
         # ts.getTimeStep() is already the next step's size here; the accepted one was
         # seen by the right-hand side, and checkpointing replays it bit for bit.
@@ -375,7 +382,8 @@ class Solver:
             self.ts.destroy()
             type(self).__init__(self, self.config, self.n, self.n_params, self.parts, self.comm)
         except Exception as exc:  # keep the original failure; this solver stays unusable
-            failure.add_note(f"pnode could not rebuild the PETSc solver after the failure: {exc!r}")
+            if hasattr(failure, "add_note"):  # Python >= 3.11
+                failure.add_note(f"pnode could not rebuild the PETSc solver after the failure: {exc!r}")
         if failure is cause:
             raise cause
         raise failure from error

@@ -11,6 +11,7 @@ they override pnode's choices.
 """
 
 import itertools
+import weakref
 
 from ._petsc import PETSc
 from ._shells import BlockDiagonalPC, ExplicitJacobian, ImplicitJacobian, ParamJacobian, ZeroJacobian
@@ -26,6 +27,15 @@ _SOLVER_OPTIONS = {
 }
 _TOLERANCES = {"snes_rtol": "1e-12", "snes_atol": "1e-14", "ksp_rtol": "1e-13", "ksp_atol": "1e-15",
                "ksp_max_it": "500", "snes_max_it": "50"}
+
+
+def _clear_options(prefix, keys):
+    """Drop a garbage-collected TS's options, so the database does not grow per solver."""
+    if PETSc.Sys.isFinalized():
+        return
+    db = PETSc.Options()
+    for key in keys:
+        db.delValue(f"-{prefix}{key}")
 
 
 def _set_options(prefix, options):
@@ -136,6 +146,7 @@ def build_ts(solver, config, n, n_params, parts, comm):
     user = dict(config.petsc_options)
     options.update(user)
     _set_options(prefix, options)
+    weakref.finalize(ts, _clear_options, prefix, list(options))
     ts.setSaveTrajectory()
     apply_options(ts)
     if config.jacobian == "blockdiag" and "implicit" in parts and "pc_type" not in user:

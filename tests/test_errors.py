@@ -1,0 +1,509 @@
+"""Every bad input gets a clear, early error; every solver failure a pnode exception that
+says where and why; a failed call leaves the module reusable.
+
+Each case asserts the exception type and the words of the message a user reads.
+"""
+
+import math
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import pnode
+from pnode import NeuralODE, NonFiniteError, PnodeError, RHSError, SolverError, odeint
+from pnode._petsc import PETSc
+
+T = torch.linspace(0.0, 1.0, 3, dtype=torch.float64)
+Y0 = torch.tensor([[1.0, -0.5, 0.25]], dtype=torch.float64)
+RK4 = dict(method="rk4", options={"step_size": 0.25})
+
+
+class Net(nn.Module):
+    """A small nonlinear right-hand side; ``fail`` makes it misbehave on demand."""
+
+    def __init__(self, seed=0, fail=None):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = nn.Parameter(0.5 * torch.randn(3, 3, generator=g, dtype=torch.float64))
+        self.fail = fail      # None, or a function (t, y, net) -> tensor that may raise
+        self.calls = 0
+
+    def forward(self, t, y):
+        self.calls += 1
+        if self.fail is not None:
+            return self.fail(t, y, self)
+        return torch.tanh(y @ self.w.T) - 0.2 * y
+
+
+def minus(t, y):
+    return -y
+
+
+def grads_of(ys, y0, module):
+    loss = (ys ** 2).sum() + ys[-1].sum()
+    return torch.autograd.grad(loss, [y0] + list(module.parameters()))
+
+
+def check(exc_info, *words):
+    text = str(exc_info.value)
+    for w in words:
+        assert w in text, f"{w!r} not in the message: {text}"
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: a ValueError / TypeError before PETSc runs, naming the argument and the fix.
+
+BAD_T = [
+    ("2-D", T.view(1, 3), ValueError, ["t must be 1-D", "(1, 3)"]),
+    ("one point", T[:1], ValueError, ["at least 2 times"]),
+    ("not monotone", torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64), ValueError,
+     ["strictly increasing or strictly decreasing"]),
+    ("repeated", torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64), ValueError,
+     ["strictly increasing or strictly decreasing"]),
+    ("NaN", torch.tensor([0.0, math.nan], dtype=torch.float64), ValueError, ["t contains NaN"]),
+    ("Inf", torch.tensor([0.0, math.inf], dtype=torch.float64), ValueError, ["t contains NaN or Inf"]),
+    ("integer", torch.tensor([0, 1]), TypeError, ["t must be a floating-point tensor", "int64"]),
+    ("list", [0.0, 1.0], TypeError, ["t must be a 1-D torch.Tensor", "list"]),
+    ("meta device", torch.empty(3, device="meta"), ValueError, ["t is on the meta device"]),
+    ("requires grad", T.clone().requires_grad_(), ValueError, ["t requires grad", "t.detach()"]),
+]
+
+
+@pytest.mark.parametrize("name, t, exc, words", BAD_T, ids=[c[0] for c in BAD_T])
+def test_bad_t(name, t, exc, words):
+    with pytest.raises(exc) as info:
+        odeint(minus, Y0, t, adjoint_params=(), **RK4)
+    check(info, *words)
+    with pytest.raises(exc) as info:
+        NeuralODE(Net(), **RK4)(Y0, t)
+    check(info, *words)
+
+
+BAD_Y0 = [
+    ("empty", torch.empty(0, dtype=torch.float64), ValueError, ["y0 is empty", "(0,)"]),
+    ("integer", torch.ones(3, dtype=torch.int64), TypeError, ["y0 must be a floating-point tensor",
+                                                              "y0.double()"]),
+    ("bool", torch.ones(3, dtype=torch.bool), TypeError, ["y0 must be a floating-point tensor"]),
+    ("complex", torch.ones(3, dtype=torch.complex128), TypeError, ["y0 is complex", "real"]),
+    ("NaN", torch.tensor([1.0, math.nan, 0.0], dtype=torch.float64), ValueError, ["y0 contains NaN"]),
+    ("Inf", torch.tensor([1.0, -math.inf, 0.0], dtype=torch.float64), ValueError, ["y0 contains NaN or Inf"]),
+    ("meta device", torch.empty(1, 3, dtype=torch.float64, device="meta"), ValueError,
+     ["y0 is on the meta device", "real data"]),
+    ("not a tensor", [1.0, 2.0, 3.0], TypeError, ["y0 must be a torch.Tensor", "list"]),
+]
+
+
+@pytest.mark.parametrize("name, y0, exc, words", BAD_Y0, ids=[c[0] for c in BAD_Y0])
+def test_bad_y0(name, y0, exc, words):
+    with pytest.raises(exc) as info:
+        odeint(minus, y0, T, adjoint_params=(), **RK4)
+    check(info, *words)
+    with pytest.raises(exc) as info:
+        NeuralODE(Net(), **RK4)(y0, T)
+    check(info, *words)
+
+
+def test_y0_on_another_device_than_the_module():
+    """The only second device a CPU-only machine has is "meta": parameters there, y0 on the CPU."""
+    with torch.device("meta"):
+        net = Net()
+    with pytest.raises(ValueError) as info:
+        NeuralODE(net, **RK4)(Y0, T)
+    check(info, "y0 is on cpu", "parameters on meta", "func.to(")
+
+
+BAD_OPTIONS = [
+    ("unknown method", dict(method="rk45"), ValueError,
+     ["unknown method 'rk45'", "valid methods", "dopri5", "beuler", "arkimex"]),
+    ("method not a string", dict(method=4), TypeError, ["method must be a string", "dopri5"]),
+    ("unknown option key", dict(options={"stepsize": 0.1}), ValueError,
+     ["unknown options ['stepsize']", "step_size", "checkpoints"]),
+    ("rtol zero", dict(rtol=0.0), ValueError, ["rtol must be a positive finite number", "0.0"]),
+    ("rtol negative", dict(rtol=-1e-6), ValueError, ["rtol must be a positive finite number"]),
+    ("atol negative", dict(atol=-1e-9), ValueError, ["atol must be a positive finite number"]),
+    ("atol NaN", dict(atol=math.nan), ValueError, ["atol must be a positive finite number"]),
+    ("rtol a string", dict(rtol="1e-6"), ValueError, ["rtol must be a positive finite number"]),
+    ("step_size negative", dict(method="rk4", options={"step_size": -0.1}), ValueError,
+     ["options['step_size'] must be positive", "magnitudes", "direction of integration comes from t"]),
+    ("step_size zero", dict(method="rk4", options={"step_size": 0.0}), ValueError,
+     ["options['step_size'] must be a positive finite number"]),
+    ("first_step negative", dict(options={"first_step": -1e-3}), ValueError,
+     ["options['first_step'] must be positive", "magnitudes"]),
+    ("checkpoints zero", dict(options={"checkpoints": 0}), ValueError,
+     ["options['checkpoints'] must be an integer >= 1", "minimum"]),
+    ("checkpoints fractional", dict(options={"checkpoints": 2.5}), ValueError,
+     ["options['checkpoints'] must be an integer >= 1"]),
+    ("max_num_steps zero", dict(options={"max_num_steps": 0}), ValueError,
+     ["options['max_num_steps'] must be a positive integer"]),
+    ("memory", dict(options={"memory": "disk"}), ValueError, ["options['memory'] must be one of", "graphs"]),
+    ("jacobian value", dict(method="beuler", options={"jacobian": "exact"}), ValueError,
+     ["options['jacobian'] must be one of", "dense"]),
+    ("jacobian for an explicit method", dict(options={"jacobian": "dense"}), ValueError,
+     ["applies to implicit and IMEX methods"]),
+    ("theta out of range", dict(method="theta", options={"theta": 1.5}), ValueError,
+     ["options['theta'] must be in (0, 1]"]),
+    ("petsc_options not a dict", dict(petsc_options=["ts_adapt_type", "dsp"]), TypeError,
+     ["petsc_options must be a dict"]),
+    ("PETSc rejects a type name", dict(petsc_options={"ts_adapt_type": "nonexistent"}), ValueError,
+     ["PETSc rejected petsc_options", "'ts_adapt_type': 'nonexistent'", "Unknown TSAdapt type"]),
+    ("PETSc rejects a number", dict(petsc_options={"ts_adapt_dt_min": "tiny", "ts_adapt_type": "dsp"}),
+     ValueError, ["PETSc rejected petsc_options {'ts_adapt_dt_min': 'tiny'}", "no numeric value"]),
+    ("PETSc rejects a tableau", dict(method="rk4", petsc_options={"ts_rk_type": "rk45"}), ValueError,
+     ["'ts_rk_type': 'rk45'", "Available options"]),
+    ("PETSc rejects a Krylov method", dict(method="beuler", petsc_options={"ksp_type": "nonexistent"}),
+     ValueError, ["'ksp_type': 'nonexistent'", "KSP type"]),
+    ("an option pnode sets", dict(petsc_options={"ts_type": "bdf"}), ValueError,
+     ["petsc_options['ts_type'] is set by pnode", "method="]),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, exc, words", BAD_OPTIONS, ids=[c[0] for c in BAD_OPTIONS])
+def test_bad_options(name, kwargs, exc, words):
+    # NeuralODE checks at construction, before any call.
+    with pytest.raises(exc) as info:
+        NeuralODE(Net(), **kwargs)
+    check(info, *words)
+    with pytest.raises(exc) as info:
+        odeint(minus, Y0, T, adjoint_params=(), **kwargs)
+    check(info, *words)
+
+
+def test_petsc_rejection_leaves_no_options_behind():
+    before = PETSc.Options().getAll()
+    with pytest.raises(ValueError):
+        NeuralODE(Net(), petsc_options={"ts_adapt_type": "nonexistent", "ts_adapt_safety": "0.8"})
+    assert PETSc.Options().getAll() == before
+
+
+def test_misspelt_petsc_option_warns():
+    with pytest.warns(UserWarning, match=r"\['ts_adapt_typo'\] were not read by PETSc"):
+        NeuralODE(Net(), petsc_options={"ts_adapt_typo": "dsp"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # valid options are silent
+        NeuralODE(Net(), petsc_options={"ts_adapt_type": "dsp", "ts_adapt_dt_min": 1e-12})
+        NeuralODE(Net(), method="beuler", petsc_options={"snes_max_it": 100, "ksp_type": "gmres",
+                                                         "pc_factor_mat_solver_type": "petsc"})
+
+
+def test_non_integral_float_counts_are_rejected_but_1e6_is_accepted():
+    NeuralODE(Net(), options={"max_num_steps": 1e6})
+    with pytest.raises(ValueError):
+        NeuralODE(Net(), options={"max_num_steps": 10.5})
+
+
+# --------------------------------------------------------------------------------------------
+# func returning something unusable, or raising: RHSError with the time and step, the
+# original exception chained, never a PETSc error code.
+
+BAD_RETURNS = [
+    ("shape", lambda t, y, net: y[..., :2], ["returned shape (1, 2)", "y of shape (1, 3)", "must match y"]),
+    ("dtype", lambda t, y, net: y.float(), ["dtype torch.float32", "dtype torch.float64", "must match y"]),
+    ("device", lambda t, y, net: torch.empty_like(y, device="meta"), ["device meta", "device cpu"]),
+    ("non-tensor", lambda t, y, net: 0.0, ["must return a torch.Tensor", "float"]),
+    ("None", lambda t, y, net: None, ["must return a torch.Tensor", "NoneType"]),
+    ("tuple", lambda t, y, net: (y,), ["must return a torch.Tensor", "tuple"]),
+]
+
+
+@pytest.mark.parametrize("method, options", [("rk4", {"step_size": 0.25}), ("dopri5", {}),
+                                             ("beuler", {"step_size": 0.25})])
+@pytest.mark.parametrize("name, fail, words", BAD_RETURNS, ids=[c[0] for c in BAD_RETURNS])
+def test_func_returns_something_unusable(name, fail, words, method, options):
+    with pytest.raises(RHSError) as info:
+        NeuralODE(Net(fail=fail), method=method, options=options)(Y0, T)
+    check(info, *words, "t=0")
+
+
+def test_func_returns_something_unusable_later():
+    """A bad return inside a PETSc callback: the message has the time and the step index."""
+    def late(t, y, net):
+        return y[..., :2] if t > 0.6 else -y
+    with pytest.raises(RHSError) as info:
+        NeuralODE(Net(fail=late), **RK4)(Y0, T)
+    # rk4's second stage of step 2 (from t=0.5) is the first evaluation past t=0.6
+    check(info, "returned shape (1, 2)", "forward solve", "t=0.625", "step 2")
+    assert info.value.step == 2 and info.value.phase == "forward" and info.value.time == 0.625
+
+
+class Boom(Exception):
+    pass
+
+
+def raise_after(t0):
+    def fail(t, y, net):
+        if float(t) > t0:
+            raise Boom(f"boom at {float(t):.3f}")
+        return torch.tanh(y @ net.w.T) - 0.2 * y
+    return fail
+
+
+@pytest.mark.parametrize("method, options, t0, time", [
+    ("rk4", {"step_size": 0.25}, 0.6, 0.625),                      # explicit stage
+    ("dopri5", {}, -1.0, 0.0),                                     # initial-step heuristic, before PETSc
+    ("dopri5", {}, 0.3, None),                                     # adaptive stages
+    ("beuler", {"step_size": 0.25}, 0.6, 0.75),                    # Newton (IFunction)
+    ("arkimex", {}, 0.3, None),                                    # IMEX stage
+    ("cn", {"step_size": 0.25, "checkpoints": 2}, 0.6, 0.75),      # Newton, no trajectory kept
+])
+def test_func_raises_in_the_forward(method, options, t0, time):
+    net = Net(fail=raise_after(t0))
+    with pytest.raises(RHSError) as info:
+        NeuralODE(net, method=method, options=options)(Y0.clone().requires_grad_(), T)
+    err = info.value
+    assert isinstance(err.__cause__, Boom)          # the very exception func raised
+    assert "PETSc error" not in str(err) and "error code" not in str(err)
+    check(info, "func raised Boom", "boom at", "t=")
+    if time is not None:
+        assert err.time == pytest.approx(time)
+    if t0 >= 0:
+        assert err.phase == "forward" and err.step is not None
+        check(info, "forward solve", f"step {err.step}")
+
+
+@pytest.mark.parametrize("method, options", [
+    ("rk4", {"step_size": 0.25, "memory": "states"}),      # the backward re-evaluates f for its VJPs
+    ("rk4", {"step_size": 0.25, "checkpoints": 2}),        # the backward replays the forward
+    ("dopri5", {"memory": "states"}),
+    ("beuler", {"step_size": 0.25, "memory": "states"}),   # transposed Krylov solves
+])
+def test_func_raises_in_the_backward(method, options):
+    net = Net()
+    y0 = Y0.clone().requires_grad_()
+    ys = NeuralODE(net, method=method, options=options)(y0, T)
+    net.fail = raise_after(-1.0)
+    with pytest.raises(RHSError) as info:
+        ys.sum().backward()
+    assert isinstance(info.value.__cause__, Boom)
+    check(info, "func raised Boom", "t=")
+    assert info.value.phase == "backward"
+
+
+def test_keyboard_interrupt_in_func_is_not_swallowed():
+    """Ctrl-C inside func must stop the job: it surfaces as itself, not as a PETSc error."""
+    def interrupt(t, y, net):
+        if float(t) > 0.3:
+            raise KeyboardInterrupt
+        return -y
+    for method in ("rk4", "beuler"):
+        with pytest.raises(KeyboardInterrupt):
+            NeuralODE(Net(fail=interrupt), method=method, options={"step_size": 0.25})(Y0, T)
+
+
+def test_rhs_error_pickles():
+    """Errors cross process boundaries (DataLoader workers, multiprocessing) intact."""
+    with pytest.raises(RHSError) as info:
+        NeuralODE(Net(fail=raise_after(0.6)), **RK4)(Y0, T)
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert str(copy) == str(info.value) and copy.step == info.value.step
+    err = SolverError("x", phase="forward", time=1.0, step=3, step_size=0.1, reason="R", hint="h")
+    copy = pickle.loads(pickle.dumps(err))
+    assert str(copy) == str(err) and copy.step == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Solver failures: a pnode exception with phase, time, step, step size, residual, reason, hint.
+
+def blow_up(t, y, net):
+    return y ** 3
+
+
+def nan_after(t0):
+    def fail(t, y, net):
+        return -y if float(t) < t0 else y * math.nan
+    return fail
+
+
+@pytest.mark.parametrize("method, options, fail, y0", [
+    ("rk4", {"step_size": 0.25}, lambda t, y, net: y * math.inf, Y0),   # the post-step check
+    ("rk4", {"step_size": 0.25}, blow_up, 100 * Y0),
+    ("dopri5", {}, nan_after(0.3), Y0),                                 # PETSc's error norm sees it
+    ("beuler", {"step_size": 0.25}, nan_after(0.3), Y0),                # Newton sees it
+])
+def test_nonfinite_state_in_the_forward(method, options, fail, y0):
+    with pytest.raises(NonFiniteError) as info:
+        NeuralODE(Net(fail=fail), method=method, options=options)(y0, T)
+    err = info.value
+    assert isinstance(err, SolverError) and err.phase == "forward"
+    assert err.time is not None and err.step is not None and err.step_size is not None
+    assert err.hint
+    check(info, "forward solve failed at t=", "NaN or Inf in the state", "Hint:")
+
+
+@pytest.mark.parametrize("method, fail, y0, t_stop", [
+    ("dopri5", blow_up, 100 * Y0, 5e-5),        # y' = y^3 from 100 blows up at t = 1 / (2 * 100^2)
+    ("beuler", nan_after(0.3), Y0, 0.3),        # Newton fails past 0.3 at any step size
+])
+def test_adaptive_steps_shrinking_to_nothing(method, fail, y0, t_stop):
+    """An adaptive method cuts the step until the NaN/Inf goes away or t stops moving:
+    either way a SolverError, never a hang."""
+    with pytest.raises(SolverError) as info:
+        NeuralODE(Net(fail=fail), method=method)(y0, T)
+    err = info.value
+    # not before the singularity (past it the state may hold huge finite numbers a while)
+    assert err.phase == "forward" and 0.999 * t_stop <= err.time < 1.0
+    assert err.step_size < 1e-10 and err.hint
+    assert "NaN or Inf" in str(err) or "underflow" in str(err)
+
+
+@pytest.mark.parametrize("method, options", [("rk4", {"step_size": 0.25}),
+                                             ("rk4", {"step_size": 0.25, "checkpoints": 2}),
+                                             ("dopri5", {}), ("beuler", {"step_size": 0.25})])
+def test_nonfinite_adjoint_in_the_backward(method, options):
+    y0 = Y0.clone().requires_grad_()
+    ys = NeuralODE(Net(), method=method, options=options)(y0, T)
+    g = torch.zeros_like(ys)
+    g[-1, 0, 0] = math.nan
+    with pytest.raises(NonFiniteError) as info:
+        ys.backward(g)
+    assert info.value.phase == "backward" and info.value.step is not None
+    check(info, "backward solve failed", "NaN or Inf in the adjoint", "Hint:")
+
+
+@pytest.mark.parametrize("method, options", [("rk4", {"step_size": 0.01, "max_num_steps": 5}),
+                                             ("dopri5", {"max_num_steps": 2})])
+def test_max_steps_exceeded(method, options):
+    with pytest.raises(SolverError) as info:
+        NeuralODE(Net(), method=method, options=options)(Y0, T)
+    err = info.value
+    assert not isinstance(err, NonFiniteError)
+    assert err.phase == "forward" and err.step is not None and err.time < 1.0
+    assert "max_num_steps" in err.hint
+    check(info, "output times", "max_num_steps")
+
+
+def test_step_rejections_exhausted():
+    with pytest.raises(SolverError) as info:
+        NeuralODE(Net(), method="dopri5", rtol=1e-13, atol=1e-15,
+                  options={"max_rejections": 1, "first_step": 0.9})(Y0, T)
+    err = info.value
+    assert err.reason == "DIVERGED_STEP_REJECTED" and err.step_size is not None
+    assert "max_rejections" in err.hint
+    check(info, "DIVERGED_STEP_REJECTED", "Hint:")
+
+
+def test_step_size_underflow_is_an_error_not_a_hang_or_a_wrong_answer():
+    """At |t| = 1e17 a float64 step of 0.25 does not move t: PETSc would spin until
+    max_num_steps and return the state of the last step that moved t as the solution at t[-1]."""
+    t = torch.tensor([1e17, 1e17 + 100.0], dtype=torch.float64)
+    for method, options in [("rk4", {"step_size": 0.25, "max_num_steps": 2000}),
+                            ("dopri5", {"max_num_steps": 2000})]:
+        with pytest.raises(SolverError) as info:
+            odeint(minus, Y0, t, method=method, options=options, adjoint_params=())
+        check(info, "underflow")
+
+
+def test_newton_divergence():
+    def hard(t, y, net):
+        return torch.sin(5 * y) * y ** 2
+    with pytest.raises(SolverError) as info:
+        NeuralODE(Net(fail=hard), method="beuler", options={"step_size": 0.5},
+                  petsc_options={"snes_max_it": 1})(3 * Y0, T)
+    err = info.value
+    assert not isinstance(err, NonFiniteError)
+    assert err.reason == "DIVERGED_NONLINEAR_SOLVE"
+    assert err.residual is not None and err.residual > 0 and math.isfinite(err.residual)
+    assert err.time == 0.0 and err.step == 0 and err.step_size == 0.5
+    check(info, "Newton (SNES) DIVERGED_MAX_IT", "residual=", "Hint: Newton failed", "step_size")
+
+
+def test_krylov_divergence():
+    """ksp_max_it=1 with no preconditioner: the linear solve inside Newton fails."""
+    with pytest.raises(SolverError) as info:
+        NeuralODE(Net(), method="beuler", options={"step_size": 0.5, "jacobian": "matrix-free"},
+                  petsc_options={"ksp_max_it": 1})(Y0, T)
+    err = info.value
+    assert err.reason == "DIVERGED_NONLINEAR_SOLVE" and err.residual is not None
+    check(info, "Krylov (KSP) DIVERGED_MAX_IT", "linear solves", "Hint:")
+
+
+def test_every_pnode_error_is_a_runtime_error():
+    for cls in (SolverError, NonFiniteError, RHSError):
+        assert issubclass(cls, PnodeError) and issubclass(cls, RuntimeError)
+    assert pnode.NonFiniteError is NonFiniteError
+
+
+# --------------------------------------------------------------------------------------------
+# A failed call leaves the module reusable: the next call matches a fresh module bit for bit.
+
+FAILURES = [
+    ("func raises", lambda net: setattr(net, "fail", raise_after(0.6)), "forward"),
+    ("NaN state", lambda net: setattr(net, "fail", nan_after(0.6)), "forward"),
+    ("func raises in backward", lambda net: setattr(net, "fail", raise_after(-1.0)), "backward"),
+    ("NaN adjoint", None, "backward"),
+]
+
+
+@pytest.mark.parametrize("method, options", [
+    ("rk4", {"step_size": 0.25}),
+    ("rk4", {"step_size": 0.25, "memory": "states"}),
+    ("dopri5", {"checkpoints": 2}),
+    ("beuler", {"step_size": 0.25, "memory": "states"}),
+])
+@pytest.mark.parametrize("name, break_it, phase", FAILURES, ids=[f[0] for f in FAILURES])
+def test_module_is_reusable_after_a_failure(name, break_it, phase, method, options):
+    if name == "func raises in backward" and options.get("memory") != "states" and "checkpoints" not in options:
+        pytest.skip("the backward of memory='graphs' differentiates the forward's graphs, it calls no func")
+    net = Net()
+    module = NeuralODE(net, method=method, options=options)
+    y0 = Y0.clone().requires_grad_()
+    with pytest.raises(PnodeError):
+        if phase == "forward":
+            break_it(net)
+            module(y0, T)
+        else:
+            ys = module(y0, T)
+            if break_it is None:
+                ys.backward(torch.full_like(ys, math.nan))
+            else:
+                break_it(net)
+                ys.sum().backward()
+    net.fail = None
+    ys = module(y0, T)
+    got = (ys.detach(),) + grads_of(ys, y0, net)
+    fresh = NeuralODE(net, method=method, options=options)
+    ys = fresh(y0, T)
+    want = (ys.detach(),) + grads_of(ys, y0, net)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_odeint_is_reusable_after_a_failure():
+    net = Net()
+    y0 = Y0.clone().requires_grad_()
+    ys = odeint(net, y0, T, **RK4)
+    want = (ys.detach(),) + grads_of(ys, y0, net)
+    net.fail = raise_after(0.6)
+    with pytest.raises(RHSError):
+        odeint(net, y0, T, **RK4)
+    net.fail = None
+    ys = odeint(net, y0, T, **RK4)
+    for a, b in zip((ys.detach(),) + grads_of(ys, y0, net), want):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# petsc4py missing or too old: an ImportError at `import pnode` that says what to install.
+
+@pytest.mark.parametrize("fake, words", [
+    ("__version__ = '3.20.0'\n", ["pnode needs petsc4py >= 3.21.4, found 3.20.0", "pip install petsc==",
+                                  "wrong parameter gradients"]),
+    ("raise ImportError('libpetsc.so: cannot open shared object file')\n",
+     ["pnode needs petsc4py >= 3.21.4, which is not installed", "pip install petsc4py=="]),
+])
+def test_import_error_says_what_to_install(tmp_path, fake, words):
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "petsc4py").mkdir()
+    (tmp_path / "petsc4py" / "__init__.py").write_text(fake)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), root]))
+    out = subprocess.run([sys.executable, "-c", "import pnode"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    assert "ImportError" in out.stderr
+    for w in words:
+        assert w in out.stderr, out.stderr[-2000:]

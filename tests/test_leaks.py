@@ -1,0 +1,188 @@
+"""Nothing leaks: thousands of forward+backward calls keep the process RSS and the number
+of live PETSc objects flat, and each backward releases its trajectory and checkpoints.
+
+Each measurement runs in a fresh interpreter, so other tests neither pollute the RSS nor
+see PETSc's object log switched on. Live PETSc objects are counted exactly from PETSc's
+own log (creations minus destructions per class), which sees the TS's internal work
+vectors, not just the Python wrappers.
+"""
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import warnings
+import weakref
+
+import pytest
+import torch
+
+import pnode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORKER = r'''
+import gc, json, os, re, sys, tempfile, time
+import torch
+from torch import nn
+torch.set_num_threads(1)
+from pnode._petsc import PETSc
+PETSc.Log.begin()          # before any PETSc object of the run exists
+import pnode
+from pnode._petsc import PETSc
+
+
+def live_petsc():
+    fd, path = tempfile.mkstemp(suffix=".log"); os.close(fd)
+    viewer = PETSc.Viewer().createASCII(path, comm=PETSc.COMM_SELF)
+    PETSc.Log.view(viewer)
+    viewer.destroy()
+    with open(path) as f:
+        text = f.read()
+    os.unlink(path)
+    table = text.split("Object Type", 1)[1].split("=====", 1)[0]
+    live = {}
+    for line in table.splitlines()[1:]:
+        m = re.match(r"\s+(\S.*?)\s+(\d+)\s+(\d+)\s*$", line)
+        if m and m.group(1) != "Viewer":
+            live[m.group(1)] = live.get(m.group(1), 0) + int(m.group(2)) - int(m.group(3))
+    return live
+
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class F(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1 = nn.Linear(2, 8, dtype=torch.float64)
+        self.l2 = nn.Linear(8, 2, dtype=torch.float64)
+
+    def forward(self, t, y):
+        return self.l2(torch.tanh(self.l1(y)))
+
+
+mode, n = sys.argv[1], int(sys.argv[2])
+func = F()
+t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+method = "beuler" if "implicit" in mode else "rk4"
+options = {"step_size": 0.5}
+if "checkpoints" in mode:
+    options["checkpoints"] = 2
+module = pnode.NeuralODE(func, method=method, options=options)
+
+
+def call():
+    y0 = torch.tensor([[1.0, -0.5]], dtype=torch.float64, requires_grad=True)
+    if mode.startswith("module"):
+        ys = module(y0, t)
+    elif mode.startswith("fresh"):   # a new closure every call: a new solver every call
+        ys = pnode.odeint(lambda s, y: func(s, y), y0, t, method=method, options=options,
+                          adjoint_params=tuple(func.parameters()))
+    else:
+        ys = pnode.odeint(func, y0, t, method=method, options=options)
+    (ys ** 2).sum().backward()
+
+
+warm = max(1, n // 10)
+samples = []
+start = time.perf_counter()
+for i in range(n):
+    call()
+    if i + 1 in (warm, n):
+        gc.collect()
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrappers = sum(isinstance(o, PETSc.Object) for o in gc.get_objects())
+        samples.append({"rss": rss(), "petsc": live_petsc(), "wrappers": wrappers,
+                        "options": len(PETSc.Options().getAll())})
+print(json.dumps({"seconds": time.perf_counter() - start, "warm": samples[0], "end": samples[1]}))
+'''
+
+
+def measure(mode, n):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", WORKER, mode, str(n)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def assert_flat(result, n, rss_mb=8.0):
+    warm, end = result["warm"], result["end"]
+    grown = {k: end["petsc"].get(k, 0) - v for k, v in warm["petsc"].items() if end["petsc"].get(k, 0) != v}
+    assert not grown, f"live PETSc objects changed over {n} calls: {grown}"
+    assert end["wrappers"] - warm["wrappers"] <= 2, (warm["wrappers"], end["wrappers"])
+    assert end["options"] == warm["options"], \
+        f"PETSc's options database grew from {warm['options']} to {end['options']} entries"
+    growth = (end["rss"] - warm["rss"]) / 2 ** 20
+    assert growth < rss_mb, f"RSS grew by {growth:.1f} MiB over {n} calls"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, n", [("module", 2000), ("odeint", 2000), ("module-checkpoints", 600),
+                                     ("odeint-implicit", 400)])
+def test_no_leak_over_many_calls(mode, n):
+    assert_flat(measure(mode, n), n)
+
+
+def test_no_leak_when_func_is_a_new_closure_every_call():
+    """odeint(lambda t, y: net(t, y), ..., adjoint_params=...) builds a solver per call; each
+    must be freed with its closure (PETSc's MatPython/PCPython contexts hide reference
+    cycles from Python's garbage collector, so a context that holds the solver keeps it
+    and its TS alive forever)."""
+    assert_flat(measure("fresh", 150), 150)
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(2, 2)).double()
+
+
+class Fn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _net()
+
+    def forward(self, t, y):
+        return torch.tanh(self.net(y))
+
+
+@pytest.mark.parametrize("options", [{"step_size": 0.25}, {"step_size": 0.25, "checkpoints": 2},
+                                     {"step_size": 0.25, "memory": "states"}])
+def test_backward_releases_the_run(options):
+    """After backward and once the graph is gone, nothing of the call survives: no Run, no
+    tape of autograd graphs, no checkpoint, and the solver holds no trajectory owner."""
+    from pnode._bridge import Run
+    func = Fn()
+    module = pnode.NeuralODE(func, method="rk4", options=options)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    y0 = torch.tensor([[1.0, -0.5]], dtype=torch.float64, requires_grad=True)
+    gc.collect()
+    before = {id(r) for r in _live(Run)}     # what earlier tests may have left
+    ys = module(y0, t)
+    runs = [r for r in _live(Run) if id(r) not in before]
+    assert len(runs) == 1
+    run = weakref.ref(runs[0])
+    del runs
+    (ys ** 2).sum().backward()
+    assert run().tape is None
+    for solver in module._cache.solvers.values():
+        assert solver.trajectory_owner is None
+        assert solver.rhs is None
+    del ys
+    gc.collect()
+    assert run() is None
+    assert not [r for r in _live(Run) if id(r) not in before]
+
+
+def _live(cls):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # isinstance() on some torch objects warns
+        return [o for o in gc.get_objects() if isinstance(o, cls)]
