@@ -46,6 +46,7 @@ class Run:
         self.stats.method = self.config.method.name
         self.stats.memory = self.config.memory
         self.stats.rhs_evals = 0
+        self.stats.jacobians = 0
         self.stats.reset_backward()
         rhs = self._rhs(self.tape)
         try:

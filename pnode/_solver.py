@@ -229,6 +229,8 @@ class Solver:
         ts.setStepNumber(0)
         ts.setMaxTime(times[-1])
         ts.setMaxSteps(self.config.max_num_steps)
+        # Solvers are shared by calls that differ in tolerances (not part of the cache key).
+        ts.setTolerances(rtol=self.config.rtol, atol=self.config.atol)
         ts.setTimeStep(self._first_step(times, self.u_view))
         ts.setEvaluationTimes(times)
         self._prepare_trajectory(owner is not None)

@@ -184,3 +184,12 @@ def test_number_of_output_times_can_change_between_calls():
         ys = node(y0, t)
         ref = pnode.odeint(MLP(seed=23), y0.detach(), t, method="dopri5")
         assert ys.shape[0] == n and rel_err(ys, ref) == 0.0
+
+
+def test_tolerances_of_each_call_apply_to_a_shared_solver():
+    func, y0 = _problem(29)
+    t = torch.tensor([0.0, 3.0], dtype=torch.float64)
+    steps = [pnode.odeint(func, y0, t, rtol=rtol, atol=1e-12, return_stats=True)[1].steps
+             for rtol in (1e-10, 1e-3)]
+    fresh = pnode.odeint(MLP(seed=29), y0.detach(), t, rtol=1e-3, atol=1e-12, return_stats=True)[1].steps
+    assert steps[1] == fresh < steps[0]
