@@ -49,7 +49,6 @@ class Tape:
 
     def __init__(self):
         self.steps = {}
-        self.hits = 0
 
     def record(self, step, part, handle, time, y_ref, y_in, out):
         entries = self.steps.setdefault(step, [])
@@ -66,7 +65,6 @@ class Tape:
             for e in self.steps.get(s, ()):
                 if e.part == part and (e.handle == handle or _close_times(e.time, time)) \
                         and torch.equal(e.y_ref, y):
-                    self.hits += 1
                     return e
         # First-same-as-last RK tableaus (dopri5, bosh3, ...) never evaluate stage 0:
         # the forward reused f at the previous step's last stage, whose state equals
@@ -74,7 +72,6 @@ class Tape:
         # is differentiating what the forward computed.
         for e in self.steps.get(step - 1, ()):
             if e.part == part and _close_times(e.time, time) and _same_up_to_rounding(e.y_ref, y):
-                self.hits += 1
                 return e
         return None
 
@@ -251,15 +248,6 @@ class RHS:
                                                          allow_unused=True)[0] for i in range(n))])
         jac = jac.to(device=y_flat.device, dtype=y_flat.dtype)
         return -jac if self.sign < 0 else jac
-
-    @staticmethod
-    def write(g, out_flat, scale=1.0):
-        if g is None:
-            out_flat.zero_()
-        elif scale == 1.0:
-            out_flat.copy_(g.reshape(-1))
-        else:
-            torch.mul(g.reshape(-1).to(out_flat.dtype), scale, out=out_flat)
 
     @staticmethod
     def write_params(grads, out_views, scale=1.0):
