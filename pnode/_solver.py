@@ -57,6 +57,9 @@ class Solver:
         self.step_sizes = []
         self._h = None
         self._replay = None            # (first step, step sizes) while replaying
+        self._fixed_h = None           # the fixed step size of the running forward
+        self._outputs = ()
+        self._next_output = 0
         self.step_bytes = config.method.stages * n * self.u_view.element_size()
         if config.replay == "advance":  # recomputation between checkpoints stores nothing
             self.ts.removeTrajectory()
@@ -143,6 +146,16 @@ class Solver:
         if self._replay is not None:
             first, sizes = self._replay
             ts.setTimeStep(sizes[ts.getStepNumber() - first])
+        elif self._fixed_h is not None:
+            # PETSc shortens a step to land on an output time and keeps the shortened
+            # size afterwards (t = [0, 1e-3, 1] took 1000 steps of 1e-3): restore it.
+            # The step that would pass the next output time, or stop within 1% of it
+            # (rounding in t + h + ... + h), lands on it instead.
+            s = ts.getTime()
+            while self._outputs[self._next_output] <= s:
+                self._next_output += 1
+            left = self._outputs[self._next_output] - s
+            ts.setTimeStep(left if 1.01 * self._fixed_h >= left else self._fixed_h)
 
     def post_step(self, ts):
         s = ts.getTime()
@@ -231,8 +244,11 @@ class Solver:
         ts.setMaxSteps(self.config.max_num_steps)
         # Solvers are shared by calls that differ in tolerances (not part of the cache key).
         ts.setTolerances(rtol=self.config.rtol, atol=self.config.atol)
-        ts.setTimeStep(self._first_step(times, self.u_view))
+        h = self._first_step(times, self.u_view)
+        ts.setTimeStep(h)
         ts.setEvaluationTimes(times)
+        self._fixed_h = h if self.config.fixed else None
+        self._outputs, self._next_output = times, 0
         self._prepare_trajectory(owner is not None)
         self.trajectory_owner = owner
         self._step_times = [times[0]]

@@ -193,3 +193,15 @@ def test_tolerances_of_each_call_apply_to_a_shared_solver():
              for rtol in (1e-10, 1e-3)]
     fresh = pnode.odeint(MLP(seed=29), y0.detach(), t, rtol=1e-3, atol=1e-12, return_stats=True)[1].steps
     assert steps[1] == fresh < steps[0]
+
+
+@pytest.mark.parametrize("t, expected", [([0.0, 1e-3, 1.0], [0.0, 1e-3, 0.501, 1.0]),
+                                         ([0.0, 0.3, 1.0], [0.0, 0.3, 0.8, 1.0]),
+                                         ([0.0, 0.25, 0.5, 1.0], [0.0, 0.25, 0.5, 1.0])])
+def test_fixed_step_size_is_restored_after_an_output_time(t, expected):
+    # PETSc keeps a step it shortened to land on an output time: t = [0, 1e-3, 1] with
+    # step 0.5 took 1,000 steps of 1e-3.
+    func, y0 = _problem()
+    _, stats = pnode.odeint(func, y0, torch.tensor(t, dtype=torch.float64), method="rk4",
+                            options={"step_size": 0.5}, return_stats=True)
+    assert stats.step_times == pytest.approx(expected, rel=1e-14)
