@@ -20,12 +20,13 @@ from ._rhs import RHS, Tape
 class Run:
     """One call of odeint: the problem, its solver, and what backward needs."""
 
-    def __init__(self, cache, solver, parts, params, y0, times, config, stats):
+    def __init__(self, cache, solver, parts, params, y0, times, config, stats, layout, grid=None):
         self.cache = cache
         self.solver = solver
         self.parts = parts
         self.params = params
-        self.shape = y0.shape
+        self.layout = layout
+        self.grid = grid              # pnode.Grid of a distributed state, else None
         self.dtype = y0.dtype
         self.device = y0.device
         self.sign = 1.0 if times[-1] > times[0] else -1.0
@@ -35,12 +36,12 @@ class Run:
         self.y0 = None
 
     def _rhs(self, tape):
-        return RHS(self.parts, self.params, self.shape, self.dtype, self.device, self.sign, self.stats, tape,
+        return RHS(self.parts, self.params, self.layout, self.dtype, self.device, self.sign, self.stats, tape,
                    self.solver.staging(self.dtype, self.device))
 
     def forward(self, y0, need_grad):
         """Integrate; with need_grad, keep what the backward needs."""
-        self.y0 = y0.detach().reshape(-1).to(dtype=torch.float64, device="cpu")
+        self.y0 = self.layout.to_flat(y0.detach()).to(dtype=torch.float64, device="cpu")
         checkpointed = need_grad and self.config.checkpoints is not None
         self.tape = Tape() if need_grad and self.config.memory == "graphs" and not checkpointed else None
         self.stats.method = self.config.method.name
@@ -56,21 +57,22 @@ class Run:
         finally:
             self.solver.rhs = None
         if checkpointed:
-            self.grid = (list(self.solver._step_times), list(self.solver.step_sizes),
+            self.recorded = (list(self.solver._step_times), list(self.solver.step_sizes),
                          list(self.solver.output_steps))
-        return ys.to(dtype=self.dtype, device=self.device).reshape(len(self.times), *self.shape)
+        return self.layout.from_flat(ys.to(dtype=self.dtype, device=self.device), lead=1)
 
     def _checkpointed_backward(self, g):
         start = _time.perf_counter()
         n, n_params = self.y0.numel(), sum(p.numel() for p in self.params)
         names = sorted(self.parts)
-        advance = self.cache.get(replace(self.config, replay="advance"), n, n_params, tuple(names))
-        tape = self.cache.get(replace(self.config, replay="tape"), n, n_params, tuple(names))
+        advance = self.cache.get(replace(self.config, replay="advance"), n, n_params, tuple(names),
+                                 grid=self.grid)
+        tape = self.cache.get(replace(self.config, replay="tape"), n, n_params, tuple(names), grid=self.grid)
         memory_graphs = self.config.memory == "graphs"
 
         def make_rhs(for_tape):
             return self._rhs(Tape() if for_tape and memory_graphs else None)
-        times, sizes, outputs = self.grid
+        times, sizes, outputs = self.recorded
         cp = Checkpointer(advance, tape, make_rhs, self.config.checkpoints, times, sizes, outputs,
                           self.stats)
         try:
@@ -81,7 +83,7 @@ class Run:
         return grad_y0, grad_p
 
     def backward(self, grad_ys):
-        g = grad_ys.detach().reshape(len(self.times), -1).to(dtype=torch.float64, device="cpu")
+        g = self.layout.to_flat(grad_ys.detach(), lead=1).to(dtype=torch.float64, device="cpu")
         if self.config.checkpoints is not None:
             return self._unflatten(*self._checkpointed_backward(g))
         solver = self.solver
@@ -102,7 +104,10 @@ class Run:
         return self._unflatten(grad_y0, grad_p)
 
     def _unflatten(self, grad_y0, grad_p):
-        grad_y0 = grad_y0.to(dtype=self.dtype, device=self.device).reshape(self.shape)
+        if self.grid is not None:
+            # Each rank's adjoint holds its own part of dL/dp; one allreduce per backward.
+            grad_p = self.grid.allreduce(grad_p)
+        grad_y0 = self.layout.from_flat(grad_y0.to(dtype=self.dtype, device=self.device))
         grads = []
         offset = 0
         for p in self.params:

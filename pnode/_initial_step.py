@@ -5,15 +5,17 @@ Equations I", 2nd ed., Sec. II.4 (the same rule torchdiffeq and diffrax use), so
 adaptive solves start from a comparable step in every library.
 """
 
-import torch
 
+def initial_step(f, s0, y0, order, rtol, atol, span, total=lambda values: values):
+    """Return h0 for y' = f(s, y) from (s0, y0); ``f`` maps flat tensors to flat tensors.
 
-def _rms(x):
-    return float(torch.linalg.vector_norm(x) / max(x.numel(), 1) ** 0.5)
+    ``total`` sums a list of floats over the ranks that share a distributed state,
+    so that every rank computes the same norms and the same h0.
+    """
+    def _rms(x):
+        squares, count = total([float(x.square().sum()), float(x.numel())])
+        return (squares / max(count, 1.0)) ** 0.5
 
-
-def initial_step(f, s0, y0, order, rtol, atol, span):
-    """Return h0 for y' = f(s, y) from (s0, y0); ``f`` maps flat tensors to flat tensors."""
     scale = atol + y0.abs() * rtol
     f0 = f(s0, y0)
     d0 = _rms(y0 / scale)

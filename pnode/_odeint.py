@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ._bridge import PnodeFunction, Run
+from ._rhs import FlatLayout
 from ._options import check_devices, check_time, check_y0, make_config
 from ._solver import Solver
 from ._stats import Stats
@@ -60,13 +61,15 @@ class _SolverCache:
     def __init__(self):
         self.solvers = {}
 
-    def get(self, config, n, n_params, parts, n_times=None):
+    def get(self, config, n, n_params, parts, n_times=None, grid=None):
         # PETSc 3.26's TSSetEvaluationTimes frees its arrays and writes into NULL when
         # the number of times changes, so a TS serves one len(t) only.
-        key = (config.solver_key(), n, n_params, parts, n_times)
+        key = (config.solver_key(), n, n_params, parts, n_times, grid)
         solver = self.solvers.get(key)
         if solver is None:
-            solver = self.solvers[key] = Solver(config, n, n_params, parts)
+            solver = Solver(config, n, n_params, parts) if grid is None else \
+                grid.solver(config, n_params, parts)
+            self.solvers[key] = solver
         solver.config = config
         return solver
 
@@ -82,22 +85,25 @@ def _cache_for(func):
         return _SolverCache()
 
 
-def _integrate(cache, func, y0, t, config, params, stats):
+def _integrate(cache, func, y0, t, config, params, stats, grid):
     check_y0(y0)
     check_devices(y0, params)
     times = check_time(t, y0)
-    config = config.for_state(y0)
+    if grid is not None:
+        grid.check_state(y0, times)
+    config = config.for_state(y0, grid)
     parts = _parts(func, config.method)
     solver = cache.get(config, y0.numel(), sum(p.numel() for p in params), tuple(sorted(parts)),
-                       len(times))
-    run = Run(cache, solver, parts, params, y0, times, config, stats)
+                       len(times), grid)
+    layout = FlatLayout(y0.shape) if grid is None else grid.layout
+    run = Run(cache, solver, parts, params, y0, times, config, stats, layout, grid)
     if torch.is_grad_enabled() and (y0.requires_grad or params):
         return PnodeFunction.apply(run, y0, *params)
     return run.forward(y0, need_grad=False)
 
 
 def odeint(func, y0, t, *, method="dopri5", rtol=1e-7, atol=1e-9, options=None,
-           adjoint_params=None, petsc_options=None, return_stats=False):
+           adjoint_params=None, petsc_options=None, grid=None, return_stats=False):
     """Solve dy/dt = func(t, y) from y(t[0]) = y0 and return y at every time in ``t``.
 
     A drop-in for ``torchdiffeq.odeint`` / ``odeint_adjoint``: returns a tensor of
@@ -120,12 +126,16 @@ def odeint(func, y0, t, *, method="dopri5", rtol=1e-7, atol=1e-9, options=None,
             ``checkpoints`` (keep at most k states and recompute by the binomial schedule).
         adjoint_params: tensors to differentiate when ``func`` is not an ``nn.Module``.
         petsc_options: expert PETSc options for this solve, e.g. ``{"ts_adapt_type": "dsp"}``.
+        grid: a :class:`pnode.Grid` to spread one state over MPI ranks: ``y0`` is then this
+            rank's block of the field (``grid.owned_shape``), ``func(t, u)`` gets that block
+            with ghost points (``grid.ghosted_shape``) and returns the block's dy/dt, and
+            every rank gets the full parameter gradient (summed over ranks once per backward).
         return_stats: also return a :class:`pnode.Stats` (filled in by backward too).
     """
     config = make_config(method, rtol, atol, options, petsc_options)
     params = _parameters(func, adjoint_params)
     stats = Stats()
-    ys = _integrate(_cache_for(func), func, y0, t, config, params, stats)
+    ys = _integrate(_cache_for(func), func, y0, t, config, params, stats, grid)
     return (ys, stats) if return_stats else ys
 
 
@@ -140,16 +150,17 @@ class NeuralODE(nn.Module):
     """
 
     def __init__(self, func, method="dopri5", rtol=1e-7, atol=1e-9, options=None,
-                 petsc_options=None):
+                 petsc_options=None, grid=None):
         super().__init__()
         self.func = func
+        self.grid = grid
         self.config = make_config(method, rtol, atol, options, petsc_options)
         self.stats = Stats()
         self._cache = _SolverCache()
 
     def forward(self, y0, t):
         return _integrate(self._cache, self.func, y0, t, self.config,
-                          _parameters(self.func, None), self.stats)
+                          _parameters(self.func, None), self.stats, self.grid)
 
     def extra_repr(self):
         c = self.config

@@ -16,7 +16,7 @@ from ._methods import Method, get_method
 from ._petsc import PETSc
 
 MEMORY_MODES = ("graphs", "states")
-JACOBIANS = ("blockdiag", "dense", "matrix-free")
+JACOBIANS = ("blockdiag", "dense", "matrix-free", "colored")
 
 _OPTION_DOCS = {
     "step_size": "fixed step size (a positive float); the last step before each output time is shortened",
@@ -28,7 +28,9 @@ _OPTION_DOCS = {
     "checkpoints": "keep at most this many states (>= 1, y0 included) and recompute the rest in the "
                    "backward by the binomial (revolve) schedule; default: store everything",
     "jacobian": f"Newton-Krylov Jacobian of implicit methods: one of {JACOBIANS} (default: 'blockdiag' "
-                "for a batch y0 of 2+ dims, 'dense' for a 1-D y0 of up to 256 entries, else 'matrix-free')",
+                "for a batch y0 of 2+ dims, 'dense' for a 1-D y0 of up to 256 entries, else 'matrix-free'; "
+                "with a pnode.Grid, 'colored': the stencil's sparse Jacobian assembled from JVPs by "
+                "graph colouring, preconditioned by block Jacobi/ILU across ranks)",
 }
 
 
@@ -57,9 +59,19 @@ class Config:
     def fixed(self):
         return bool(self.replay) or self.step_size is not None or not self.method.embedded
 
-    def for_state(self, y0):
+    def for_state(self, y0, grid=None):
         """The configuration with the Jacobian choice resolved for this state."""
-        if self.jacobian is not None or self.method.kind == "explicit":
+        if self.method.kind == "explicit":
+            return self
+        if grid is not None:
+            if self.jacobian in ("blockdiag", "dense"):
+                raise ValueError(f"options['jacobian']={self.jacobian!r} does not apply to a distributed "
+                                 "state (grid=...): use 'colored' (the default) or 'matrix-free'")
+            return self if self.jacobian is not None else replace(self, jacobian="colored")
+        if self.jacobian == "colored":
+            raise ValueError("options['jacobian']='colored' needs the stencil of a pnode.Grid (grid=...); "
+                             "without one use 'blockdiag', 'dense' or 'matrix-free'")
+        if self.jacobian is not None:
             return self
         if y0.dim() >= 2 and y0.shape[0] > 1:
             jacobian = "blockdiag"

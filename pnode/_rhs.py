@@ -76,13 +76,43 @@ class Tape:
         return None
 
 
+class FlatLayout:
+    """How the model sees PETSc's vectors: here, y0's shape over the same memory.
+
+    A layout maps flat PETSc arrays to model tensors for f's input (``input``)
+    and output (``output``) and back (``flat``). :class:`pnode.Grid` has another
+    one, where f's input is a patch with ghost points and its output is not.
+    """
+
+    def __init__(self, shape):
+        self.shape = shape        # of the state, as the user passes y0
+        self.out_shape = shape    # of what f returns
+
+    def input(self, flat):
+        return flat.view(self.shape)
+
+    output = input
+
+    @staticmethod
+    def flat(t):
+        return t.reshape(-1)
+
+    def to_flat(self, t, lead=0):
+        """Tensors shaped (*lead dims, *shape) to (*lead dims, n) in PETSc's order."""
+        return t.reshape(*t.shape[:lead], -1)
+
+    def from_flat(self, flat, lead=0):
+        return flat.reshape(*flat.shape[:lead], *self.shape)
+
+
 class RHS:
     """One call's view of the user's functions: parameters, shapes, dtypes, counters."""
 
-    def __init__(self, parts, params, shape, dtype, device, sign, stats, tape=None, staging=None):
+    def __init__(self, parts, params, layout, dtype, device, sign, stats, tape=None, staging=None):
         self.parts = parts            # {"explicit": f} and/or {"implicit": f}
         self.params = params          # tensors that need a gradient
-        self.shape = shape
+        self.layout = layout
+        self.shape = layout.shape
         self.dtype = dtype            # the model's dtype (PETSc's may differ)
         self.device = device
         self.sign = sign
@@ -97,8 +127,14 @@ class RHS:
 
     def _model_input(self, y_flat, copy):
         if self.staging is not None:
-            return self.staging.to_model(y_flat, copy).view(self.shape)
-        return (y_flat.clone() if copy else y_flat).view(self.shape)
+            return self.layout.input(self.staging.to_model(y_flat, copy))
+        return self.layout.input(y_flat.clone() if copy else y_flat)
+
+    def _model_output(self, w_flat):
+        """A cotangent of f's output, from PETSc's memory, in the model's dtype and device."""
+        if self.staging is not None:
+            return self.layout.output(self.staging.to_model(w_flat, False))
+        return self.layout.output(w_flat)
 
     def _call(self, part, s, y):
         # The solver adds the step and phase (RHSError.locate) when the error crosses PETSc.
@@ -111,11 +147,14 @@ class RHS:
         if not isinstance(out, torch.Tensor):
             raise RHSError(f"{name} must return a torch.Tensor shaped like y, got {type(out).__name__}",
                            time=time)
-        if out.shape != y.shape or out.dtype != y.dtype or out.device != y.device:
+        expected = self.layout.out_shape
+        if out.shape != expected or out.dtype != y.dtype or out.device != y.device:
+            like = "must match y in all three" if expected == y.shape else \
+                f"must have this rank's owned shape {tuple(expected)} and y's dtype and device"
             raise RHSError(
                 f"{name} returned shape {tuple(out.shape)}, dtype {out.dtype}, device {out.device} "
-                f"for y of shape {tuple(y.shape)}, dtype {y.dtype}, device {y.device}; "
-                "dy/dt must match y in all three", time=time)
+                f"for y of shape {tuple(y.shape)}, dtype {y.dtype}, device {y.device}; dy/dt {like}",
+                time=time)
         return out
 
     def value(self, part, s, y_flat):
@@ -135,7 +174,7 @@ class RHS:
             # A private copy: PETSc overwrites its stage vectors, the graph must not see that.
             y_in = self._model_input(y_flat, copy=True).requires_grad_()
             same = y_in.dtype == y_flat.dtype and y_in.device == y_flat.device
-            y_ref = y_in.detach().view(-1) if same else y_flat.clone()
+            y_ref = self.layout.flat(y_in.detach()) if same else y_flat.clone()
             with torch.enable_grad():
                 out = self._call(part, s, y_in)
             self.tape.record(ts.getStepNumber(), part, u.getId(), s, y_ref, y_in, out)
@@ -143,7 +182,7 @@ class RHS:
         if self.staging is not None:
             self.staging.to_petsc(out, out_flat, self.sign)
         else:
-            out_flat.copy_(out.reshape(-1))
+            out_flat.copy_(self.layout.flat(out))
             if self.sign < 0:
                 out_flat.neg_()
 
@@ -184,7 +223,7 @@ class RHS:
         """
         self.stats.vjps += 1
         y_in, out = self._graph_at(part, point, y_flat)
-        w = self._model_input(w_flat, copy=False)
+        w = self._model_output(w_flat)
         if self.sign < 0:
             w = -w
         inputs = [y_in] + list(self.params) if want_params else [y_in]

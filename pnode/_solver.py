@@ -22,6 +22,12 @@ from ._petsc import PETSc
 from ._staging import Staging
 from ._ts_builder import apply_options, build_ts
 
+
+def _vec(n, comm):
+    if comm.getSize() > 1:
+        return PETSc.Vec().createMPI((PETSc.DECIDE, n), comm=comm)
+    return PETSc.Vec().createSeq(n, comm=comm)
+
 _REASONS = {getattr(PETSc.TS.ConvergedReason, name): name
             for name in dir(PETSc.TS.ConvergedReason) if name.isupper() or name.startswith("CONVERGED")
             or name.startswith("DIVERGED")}
@@ -47,7 +53,7 @@ class Solver:
         self.pjac = {}    # part -> parameter-Jacobian shell context
         self.pc = None    # BlockDiagonalPC when options['jacobian'] == 'blockdiag'
         self.dense = None  # assembled Mat when options['jacobian'] == 'dense'
-        self.ts, self.u, self.lam, self.mu = build_ts(self, config, n, n_params, parts, self.comm)
+        self.ts, self.u, self.lam, self.mu = build_ts(self, config, parts, *self.vectors())
         self.u_view = self.view(self.u)
         self.lam_view = self.view(self.lam)
         self.mu_view = self.view(self.mu) if n_params else None
@@ -64,6 +70,10 @@ class Solver:
         if config.replay == "advance":  # recomputation between checkpoints stores nothing
             self.ts.removeTrajectory()
             self._has_trajectory = False
+
+    def vectors(self):
+        """New (state, parameter) Vecs; the parameter one is None without parameters."""
+        return _vec(self.n, self.comm), _vec(self.n_params, self.comm) if self.n_params else None
 
     # -- Vec <-> tensor ---------------------------------------------------------------
     def view(self, vec):
@@ -107,13 +117,13 @@ class Solver:
     # -- TS callbacks -------------------------------------------------------------------
     def rhs_function(self, ts, s, u, F):
         self._h = ts.getTimeStep()  # the step size of the attempt being evaluated
-        self.rhs.evaluate("explicit", s, self.view(u), self.view(F), ts, u)
+        self.rhs.evaluate("explicit", s, self.state_input(u), self.view(F), ts, u)
         F.stateIncrease()
 
     def ifunction(self, ts, s, u, udot, F):
         self._h = ts.getTimeStep()
         out = self.view(F)
-        self.rhs.evaluate("implicit", s, self.view(u), out, ts, u)
+        self.rhs.evaluate("implicit", s, self.state_input(u), out, ts, u)
         out.neg_().add_(self.view(udot))   # F = ydot - f
         F.stateIncrease()
 
@@ -170,13 +180,27 @@ class Solver:
         # ts.getTimeStep() is already the next step's size here; the accepted one was
         # seen by the right-hand side, and checkpointing replays it bit for bit.
         self.step_sizes.append(self._h)
-        # NaN and Inf survive a sum, and one reduction is far cheaper than isfinite().all()
-        if not math.isfinite(float(self.u_view.sum())):
+        if not self._finite(self.u_view, self.u):
             raise NonFiniteError("NaN or Inf in the state", phase="forward", time=self.rhs.sign * s,
                                  step=ts.getStepNumber(), step_size=ts.getTimeStep(),
                                  hint="reduce the step size or rtol/atol, or check func for overflow")
 
+    @staticmethod
+    def _finite(view, vec):
+        # NaN and Inf survive a sum, and one reduction is far cheaper than isfinite().all()
+        return math.isfinite(float(view.sum()))
+
     # -- products for the shells ----------------------------------------------------------
+    # Hooks where a distributed state differs (pnode._grid): what f sees of a state or
+    # direction Vec, and how a gradient with respect to that becomes a flat gradient.
+    def state_input(self, vec):
+        return self.view(vec)
+
+    direction_input = state_input
+
+    def _gradient(self, gy):
+        return self.rhs.layout.flat(gy).to(self.u_view.device, self.u_view.dtype)
+
     def _finish(self, value, x, y, shift, add, scale=1.0):
         """y = value (explicit part) or scale * (shift * x - value) (implicit part), plus ``add``."""
         if shift is not None:
@@ -193,14 +217,14 @@ class Solver:
         y.stateIncrease()
 
     def jvp(self, part, point, x, y, shift, scale):
-        jv = self.rhs.jvp(part, point, self.view(point.vec), self.view(x))
-        self._finish(jv.reshape(-1).to(self.u_view.device, self.u_view.dtype), x, y, shift, None, scale)
+        jv = self.rhs.jvp(part, point, self.state_input(point.vec), self.direction_input(x))
+        self._finish(self.rhs.layout.flat(jv).to(self.u_view.device, self.u_view.dtype), x, y, shift, None,
+                     scale)
 
     def state_vjp(self, part, point, x, y, shift, add=None, scale=1.0):
         want_p = part in self.pjac
-        gy, gp = self.rhs.vjp(part, point, self.view(point.vec), self.view(x), want_p)
-        value = gy.reshape(-1).to(self.u_view.device, self.u_view.dtype) if gy is not None \
-            else torch.zeros_like(self.u_view)
+        gy, gp = self.rhs.vjp(part, point, self.state_input(point.vec), self.view(x), want_p)
+        value = self._gradient(gy) if gy is not None else torch.zeros_like(self.u_view)
         self._finish(value, x, y, shift, add, scale)
         self._pcache = (part, point.key, x.getId(), x.stateGet(), gp) if want_p else None
 
@@ -209,7 +233,7 @@ class Solver:
         if c is not None and c[:4] == (part, point.key, x.getId(), x.stateGet()):
             gp = c[4]
         else:
-            _, gp = self.rhs.vjp(part, point, self.view(point.vec), self.view(x), True)
+            _, gp = self.rhs.vjp(part, point, self.state_input(point.vec), self.view(x), True)
         self.rhs.write_params(gp, self._param_views(y), scale)
         y.stateIncrease()
 
@@ -226,9 +250,15 @@ class Solver:
 
         def f(s, y):
             rhs.stats.rhs_evals += 1
-            out = sum(rhs.value(part, s, y) for part in self.parts).reshape(-1).to(y.device, y.dtype)
+            y = self._state_tensor_input(y)
+            out = sum(rhs.layout.flat(rhs.value(part, s, y)) for part in self.parts).to(y.device, y.dtype)
             return -out if rhs.sign < 0 else out
-        return initial_step(f, times[0], y0.clone(), cfg.method.order, cfg.rtol, cfg.atol, span)
+        return initial_step(f, times[0], y0.clone(), cfg.method.order, cfg.rtol, cfg.atol, span,
+                            self._sum_over_ranks)
+
+    # What a distributed state (pnode._grid) does differently for the initial step.
+    _state_tensor_input = staticmethod(lambda y: y)
+    _sum_over_ranks = staticmethod(lambda values: values)
 
     def forward(self, rhs, y0_flat, times, owner):
         """Integrate; return the states at ``times`` as a (len(times), n) tensor."""
@@ -362,7 +392,7 @@ class Solver:
         ts = self.ts
         ts.adjointSetSteps(nsteps)
         self._run(ts.adjointSolve, phase="backward")
-        if not math.isfinite(float(self.lam_view.sum())):
+        if not self._finite(self.lam_view, self.lam):
             raise NonFiniteError("NaN or Inf in the adjoint", phase="backward",
                                  time=self.rhs.sign * ts.getTime(), step=ts.getStepNumber(),
                                  hint="the loss gradient or the Jacobian of func overflows")
@@ -398,13 +428,16 @@ class Solver:
         # TS would fail ("Object is in wrong state"). Start over with a fresh TS.
         try:
             self.ts.destroy()
-            type(self).__init__(self, self.config, self.n, self.n_params, self.parts, self.comm)
+            self._rebuild()
         except Exception as exc:  # keep the original failure; this solver stays unusable
             if hasattr(failure, "add_note"):  # Python >= 3.11
                 failure.add_note(f"pnode could not rebuild the PETSc solver after the failure: {exc!r}")
         if failure is cause:
             raise cause
         raise failure from error
+
+    def _rebuild(self):
+        type(self).__init__(self, self.config, self.n, self.n_params, self.parts, self.comm)
 
     def _failure(self, message, phase, reason, error=None):
         """A SolverError (NonFiniteError for NaN/Inf) saying where PETSc stopped and why."""

@@ -24,6 +24,7 @@ _SOLVER_OPTIONS = {
     "matrix-free": {"ksp_type": "gmres", "pc_type": "none"},
     "blockdiag": {"ksp_type": "gmres"},
     "dense": {"ksp_type": "preonly", "pc_type": "lu"},
+    "colored": {"ksp_type": "gmres", "pc_type": "bjacobi"},  # ILU on each rank's block
 }
 _TOLERANCES = {"snes_rtol": "1e-12", "snes_atol": "1e-14", "ksp_rtol": "1e-13", "ksp_atol": "1e-15",
                "ksp_max_it": "500", "snes_max_it": "50"}
@@ -72,15 +73,10 @@ def _python_mat(rows, cols, context, comm):
     return mat
 
 
-def _vec(n, comm):
-    if comm.getSize() > 1:
-        return PETSc.Vec().createMPI((PETSc.DECIDE, n), comm=comm)
-    return PETSc.Vec().createSeq(n, comm=comm)
-
-
-def build_ts(solver, config, n, n_params, parts, comm):
+def build_ts(solver, config, parts, u, mu):
     """Return (ts, u, lam, mu) with the solver's callbacks and shells installed."""
     method = config.method
+    comm = u.getComm()
     prefix = f"pnode{next(_ids)}_"
     ts = PETSc.TS().create(comm=comm)
     ts.setOptionsPrefix(prefix)
@@ -97,9 +93,7 @@ def build_ts(solver, config, n, n_params, parts, comm):
         # fully implicit mode would add the RHS Jacobian into the shell (MatAXPY).
         ts.setARKIMEXFullyImplicit(False)
 
-    u = _vec(n, comm)
     sizes = u.getSizes()
-    mu = _vec(n_params, comm) if n_params else None
     options = {"ts_adapt_type": "none" if config.fixed else "basic"}
 
     if "explicit" in parts:
@@ -117,6 +111,9 @@ def build_ts(solver, config, n, n_params, parts, comm):
             solver.dense = PETSc.Mat().createDense([sizes, sizes], comm=comm)
             solver.dense.setUp()
             A = P = solver.dense
+        elif config.jacobian == "colored":  # exact shell operator, assembled sparse preconditioner
+            A = _python_mat(sizes, sizes, solver.jac["implicit"], comm)
+            P = solver.assembled_preconditioner()
         else:
             A = P = _python_mat(sizes, sizes, solver.jac["implicit"], comm)
         ts.setIFunction(solver.ifunction, u.duplicate())
