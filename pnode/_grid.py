@@ -83,6 +83,10 @@ class Grid:
         self.owned_shape = (self.dof,) + owned
         self.ghosted_shape = (self.dof,) + ghosted
         self.layout = GridLayout(self.owned_shape, self.ghosted_shape)
+        if comm.getSize() > 1:
+            # A rank that raises would leave its neighbours waiting in a ghost exchange.
+            from .distributed import abort_on_error
+            abort_on_error()
 
     def __repr__(self):
         return (f"Grid(shape={self.shape}, dof={self.dof}, stencil_width={self.stencil_width}, "
@@ -204,7 +208,14 @@ class GridSolver(Solver):
     def assembled_preconditioner(self):
         return self.coloring.matrix
 
-    def _rebuild(self):
+    def _recover(self):
+        if self.comm.getSize() > 1:
+            # Destroying and building PETSc objects is collective, and after an exception
+            # on one rank the others may be waiting in a ghost exchange: leave this solver
+            # for the cache to replace at the next call, which every rank makes.
+            self.broken = True
+            return
+        self.ts.destroy()
         type(self).__init__(self, self.config, self.n, self.n_params, self.parts, self.comm, self.grid)
 
     # Ghost exchange before f sees a state or a direction; its transpose after a VJP.

@@ -66,7 +66,7 @@ class _SolverCache:
         # the number of times changes, so a TS serves one len(t) only.
         key = (config.solver_key(), n, n_params, parts, n_times, grid)
         solver = self.solvers.get(key)
-        if solver is None:
+        if solver is None or solver.broken:
             solver = Solver(config, n, n_params, parts) if grid is None else \
                 grid.solver(config, n_params, parts)
             self.solvers[key] = solver

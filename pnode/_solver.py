@@ -58,6 +58,7 @@ class Solver:
         self.lam_view = self.view(self.lam)
         self.mu_view = self.view(self.mu) if n_params else None
         self.trajectory_owner = None   # the run whose trajectory the TS holds
+        self.broken = False            # set when a failure left it unusable: the cache replaces it
         self._has_trajectory = True    # build_ts sets one up
         self._step_times = []
         self.step_sizes = []
@@ -427,8 +428,7 @@ class Solver:
         # read-locked and borrowed work vectors stay borrowed, so the next solve on this
         # TS would fail ("Object is in wrong state"). Start over with a fresh TS.
         try:
-            self.ts.destroy()
-            self._rebuild()
+            self._recover()
         except Exception as exc:  # keep the original failure; this solver stays unusable
             if hasattr(failure, "add_note"):  # Python >= 3.11
                 failure.add_note(f"pnode could not rebuild the PETSc solver after the failure: {exc!r}")
@@ -436,7 +436,8 @@ class Solver:
             raise cause
         raise failure from error
 
-    def _rebuild(self):
+    def _recover(self):
+        self.ts.destroy()
         type(self).__init__(self, self.config, self.n, self.n_params, self.parts, self.comm)
 
     def _failure(self, message, phase, reason, error=None):

@@ -84,12 +84,15 @@ def abort_on_error():
     thing ``python -m mpi4py script.py`` does).
     """
     previous = sys.excepthook
+    if getattr(previous, "pnode_abort", False):
+        return
 
     def hook(kind, value, tb):
         previous(kind, value, tb)
         sys.stderr.write(f"pnode: rank {rank()} raised {kind.__name__}; aborting all ranks\n")
         sys.stderr.flush()
         comm().Abort(1)
+    hook.pnode_abort = True
     sys.excepthook = hook
 
 

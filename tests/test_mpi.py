@@ -31,3 +31,16 @@ def test_exception_on_one_rank_stops_every_rank():
     assert out.returncode != 0
     assert "rank 1 diverged on purpose" in out.stderr
     assert "unreachable" not in out.stdout
+
+
+def test_distributed_state_on_two_ranks_equals_one_rank():
+    out = _mpiexec("grid_check.py")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("grid OK") == 2, out.stdout + out.stderr
+
+
+def test_exception_on_one_rank_stops_a_distributed_state_solve():
+    out = _mpiexec("grid_raise_check.py", timeout=120)  # a hang would end in TimeoutExpired
+    assert out.returncode != 0
+    assert "rank 1 diverged on purpose" in out.stderr
+    assert "unreachable" not in out.stdout
