@@ -233,13 +233,8 @@ class RHS:
     def release_graph(self):
         self._graph = None
 
-    def jvp(self, part, point, y_flat, v_flat):
-        """J v = sign * df/dy v at PETSc's point, by the double-VJP trick.
-
-        g(u) = (df/dy)^T u is linear in u, so dg/du^T v = (df/dy) v: one reverse
-        pass per product through a graph built once per point, several times
-        cheaper here than forward-mode AD through torch.func.
-        """
+    def _linearisation(self, part, point, y_flat):
+        """(u, g = (df/dy)^T u) at PETSc's point, for Jacobian-vector products."""
         graph = self._point_graph(part, point, y_flat)
         if graph[2] is None:
             y_in, out = graph[0], graph[1]
@@ -247,13 +242,30 @@ class RHS:
             with torch.enable_grad():
                 g, = torch.autograd.grad(out, y_in, u, create_graph=True, allow_unused=True)
             graph[2], graph[3] = u, g
-        u, g = graph[2], graph[3]
+        return graph[2], graph[3]
+
+    def jvp(self, part, point, y_flat, v_flat):
+        """J v = sign * df/dy v at PETSc's point, by the double-VJP trick.
+
+        g(u) = (df/dy)^T u is linear in u, so dg/du^T v = (df/dy) v: one reverse
+        pass per product through a graph built once per point, several times
+        cheaper here than forward-mode AD through torch.func.
+        """
+        u, g = self._linearisation(part, point, y_flat)
         v = self._model_input(v_flat, copy=False)
         jv = None
         if g is not None and g.requires_grad:
             jv, = torch.autograd.grad(g, u, v, retain_graph=True, allow_unused=True)
         if jv is None:  # f does not depend on y
-            jv = torch.zeros_like(v)
+            jv = torch.zeros_like(u)
+        return -jv if self.sign < 0 else jv
+
+    def jvps(self, part, point, y_flat, directions):
+        """J v for a batch of directions (k, *input shape) in one vmapped reverse pass."""
+        u, g = self._linearisation(part, point, y_flat)
+        if g is None or not g.requires_grad:
+            return torch.zeros(len(directions), *u.shape, dtype=u.dtype, device=u.device)
+        jv, = torch.autograd.grad(g, u, directions, retain_graph=True, is_grads_batched=True)
         return -jv if self.sign < 0 else jv
 
     def jacobian_blocks(self, part, point, y_flat):
