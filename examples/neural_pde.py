@@ -103,7 +103,7 @@ def parse_args(argv):
     p.add_argument("--step-size", type=float, default=0.1)
     p.add_argument("--method", default="arkimex", help="an IMEX method (arkimex*), or any pnode method")
     p.add_argument("--hidden", type=int, default=24)
-    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--lr", type=float, default=3e-2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small grid, few iterations (the test's mode)")

@@ -5,7 +5,9 @@ the test checks the exit status (every quick run asserts its metric and exits
 non-zero when it misses), the figure, and the metric line the script prints.
 """
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_quick(name, tmp_path):
+def run_quick(name, tmp_path, ranks=None):
     png = tmp_path / "x.png"
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / f"{name}.py"), "--quick", "--out", str(png)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, str(ROOT / "examples" / f"{name}.py"), "--quick", "--out", str(png)]
+    env = None
+    if ranks is not None:
+        command = [shutil.which("mpiexec"), "-n", str(ranks)] + command
+        env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                   OMPI_MCA_rmaps_base_oversubscribe="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert png.is_file(), output[-2000:]
@@ -60,3 +67,11 @@ def test_three_body_quick(tmp_path):
     out = run_quick("three_body", tmp_path)
     err, = result(out, r"max_rel_mass_error=(\S+)")
     assert err < 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_neural_pde_quick_on_two_ranks(tmp_path):
+    out = run_quick("neural_pde", tmp_path, ranks=2)
+    initial, final, ranks = result(out, r"initial_mse=(\S+) final_mse=(\S+) reaction_rel_err=\S+ ranks=(\d+)")
+    assert ranks == 2 and final < 0.1 * initial
