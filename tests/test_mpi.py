@@ -20,27 +20,17 @@ def _mpiexec(script, timeout=240):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_data_parallel_equals_single_process():
-    out = _mpiexec("data_parallel_check.py")
+@pytest.mark.parametrize("script, marker", [("data_parallel_check.py", "data-parallel OK"),
+                                            ("grid_check.py", "grid OK")], ids=["data-parallel", "grid"])
+def test_two_ranks_equal_one(script, marker):
+    out = _mpiexec(script)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("data-parallel OK") == 2, out.stdout + out.stderr
+    assert out.stdout.count(marker) == 2, out.stdout + out.stderr
 
 
-def test_exception_on_one_rank_stops_every_rank():
-    out = _mpiexec("raise_check.py", timeout=120)  # a hang would end in TimeoutExpired
-    assert out.returncode != 0
-    assert "rank 1 diverged on purpose" in out.stderr
-    assert "unreachable" not in out.stdout
-
-
-def test_distributed_state_on_two_ranks_equals_one_rank():
-    out = _mpiexec("grid_check.py")
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("grid OK") == 2, out.stdout + out.stderr
-
-
-def test_exception_on_one_rank_stops_a_distributed_state_solve():
-    out = _mpiexec("grid_raise_check.py", timeout=120)  # a hang would end in TimeoutExpired
+@pytest.mark.parametrize("script", ["raise_check.py", "grid_raise_check.py"], ids=["data-parallel", "grid"])
+def test_exception_on_one_rank_stops_every_rank(script):
+    out = _mpiexec(script, timeout=120)  # a hang would end in TimeoutExpired
     assert out.returncode != 0
     assert "rank 1 diverged on purpose" in out.stderr
     assert "unreachable" not in out.stdout
