@@ -14,7 +14,8 @@ one rank on the whole batch; fixed steps give the same one.
 
 The transport is mpi4py on PETSc's communicator, nothing home-made; the same
 training loop also works with ``torch.distributed`` DistributedDataParallel
-(see ``examples/mpi_data_parallel.py``).
+(see ``tests/mpi/data_parallel_check.py``). For one large state spread over the ranks
+instead of a batch, see :class:`pnode.Grid`.
 """
 
 import sys
