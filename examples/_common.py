@@ -1,4 +1,4 @@
-"""Helpers shared by the examples: output files, progress bars, memory and timing, tables."""
+"""Helpers shared by the examples: output files, progress bars, memory and timing, tables, verdict."""
 
 import os
 import sys
@@ -99,3 +99,23 @@ def markdown_table(headers, rows):
 
 def mib(nbytes):
     return f"{nbytes / 2 ** 20:.2f}"
+
+
+def finish(result, checks=(), enforce=True, ok=None):
+    """Print the ``RESULT`` line that the tests and the README read, then the verdict.
+
+    ``checks`` are ``(passed, message)`` pairs, judged only when ``enforce``.
+    Returns the exit status: 1 after printing the message of every failed check
+    to stderr, else 0 (after printing ``ok``, if given, when the checks were judged).
+    """
+    print(f"RESULT {result}")
+    if not enforce:
+        return 0
+    failures = [message for passed, message in checks if not passed]
+    for message in failures:
+        print(f"FAILED: {message}", file=sys.stderr)
+    if failures:
+        return 1
+    if ok is not None:
+        print(f"OK: {ok}")
+    return 0

@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import pnode
-from _common import (Timer, checkpoints_supported, markdown_table, mib, plt, progress, save_figure,
+from _common import (Timer, checkpoints_supported, finish, markdown_table, mib, plt, progress, save_figure,
                      saved_tensor_bytes, setup)
 
 # Calibrated: one epoch on the quick subset of 800 images takes pnode rk4 to a test
@@ -318,11 +318,9 @@ def main(argv=None):
     if "pnode rk4" not in results:
         return 0
     acc = float(np.mean([r["acc"][-1] for r in results["pnode rk4"]]))
-    print(f"RESULT pnode_rk4_test_accuracy={acc:.4f}")
-    if args.quick and acc <= QUICK_MIN_ACCURACY:
-        print(f"FAILED: pnode rk4 test accuracy {acc:.4f} <= {QUICK_MIN_ACCURACY}", file=sys.stderr)
-        return 1
-    return 0
+    return finish(f"pnode_rk4_test_accuracy={acc:.4f}",
+                  [(acc > QUICK_MIN_ACCURACY, f"pnode rk4 test accuracy {acc:.4f} <= {QUICK_MIN_ACCURACY}")],
+                  enforce=args.quick)
 
 
 if __name__ == "__main__":

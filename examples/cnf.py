@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 import pnode
-from _common import Timer, plt, progress, save_figure, setup
+from _common import Timer, finish, plt, progress, save_figure, setup
 
 DATASETS = ("moons", "circles", "8gaussians", "checkerboard")
 DIM = 2
@@ -237,12 +237,9 @@ def main(argv=None):
         logp_grid = log_likelihood(node, grid).reshape(GRID, GRID)
     plot(args.out, args, test_x.numpy(), samples.numpy(), logp_grid.numpy(), nll, baseline)
     print(f"last training solve: {train_stats}")
-    print(f"RESULT test_nll={nll:.4f} gaussian_nll={baseline:.4f} "
-          f"s_per_iter={timer.seconds / args.niters:.3f}")
-    if args.quick and not nll < baseline:
-        print(f"FAILED: test NLL {nll:.4f} is not below the Gaussian baseline {baseline:.4f}", file=sys.stderr)
-        return 1
-    return 0
+    return finish(f"test_nll={nll:.4f} gaussian_nll={baseline:.4f} s_per_iter={timer.seconds / args.niters:.3f}",
+                  [(nll < baseline, f"test NLL {nll:.4f} is not below the Gaussian baseline {baseline:.4f}")],
+                  enforce=args.quick)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import torchdiffeq
 from torch import nn
 
 import pnode
-from _common import Timer, markdown_table, plt, progress, save_figure, setup
+from _common import Timer, finish, markdown_table, plt, progress, save_figure, setup
 
 # Lotka-Volterra x' = a x - b x y, y' = d x y - c y: closed orbits around (c/d, a/b)
 LV = dict(a=2 / 3, b=4 / 3, c=1.0, d=1.0)
@@ -215,13 +215,12 @@ def main(argv=None):
     plot(args.out, args, data, fits, histories)
 
     initial, final = histories["pnode"][0], histories["pnode"][-1]
-    print(f"RESULT pnode_initial_mse={initial:.5f} pnode_final_mse={final:.5f} "
-          f"torchdiffeq_final_mse={histories['torchdiffeq'][-1]:.5f}")
-    if args.quick and not final < QUICK_MAX_RATIO * initial:
-        print(f"FAILED: pnode's held-out MSE went from {initial:.4f} to {final:.4f}, "
-              f"not below {QUICK_MAX_RATIO} x the initial value", file=sys.stderr)
-        return 1
-    return 0
+    return finish(f"pnode_initial_mse={initial:.5f} pnode_final_mse={final:.5f} "
+                  f"torchdiffeq_final_mse={histories['torchdiffeq'][-1]:.5f}",
+                  [(final < QUICK_MAX_RATIO * initial,
+                    f"pnode's held-out MSE went from {initial:.4f} to {final:.4f}, "
+                    f"not below {QUICK_MAX_RATIO} x the initial value")],
+                  enforce=args.quick)
 
 
 if __name__ == "__main__":

@@ -42,15 +42,11 @@ import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")  # headless: CI and containers have no display
-import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 import pnode  # noqa: E402
+from _common import finish, plt, progress, save_figure, setup  # noqa: E402
 
 K_TRUE = (0.04, 3e7, 1e4)
 # Start about a factor 2 off every rate (log10 offsets), in different directions.
@@ -236,16 +232,12 @@ def plot(path, t, data, t_fine, initial, fit, k_fit, method):
            title=f"ROBER: fitted k = ({k_fit[0]:.4g}, {k_fit[1]:.4g}, {k_fit[2]:.4g}) with pnode {method}"
                  "\n(dotted: initial guess)")
     ax.legend(ncol=3, fontsize=8, loc="center left")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    # One thread: every tensor here has 3 entries; intra-op threads would only add
-    # synchronisation, and on a busy machine a descheduled helper stalls every op.
-    torch.set_num_threads(1)
+    setup(args.seed)  # one thread: every tensor here has 3 entries
     gen = torch.Generator().manual_seed(args.seed)
 
     t = observation_times(args.n_times)
@@ -301,7 +293,7 @@ def main(argv=None):
 
     initial_loss = None
     fwd = bwd = 0.0
-    bar = tqdm(range(args.niters), desc="training", dynamic_ncols=True, mininterval=0.5, file=sys.stdout)
+    bar = progress(range(args.niters), desc="training")
     for it in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it, args.niters, args.lr)
@@ -348,31 +340,22 @@ def main(argv=None):
 
     plot(args.out, t, data, t_fine, initial, fit, k_fit.tolist(), args.method)
     elapsed = time.perf_counter() - _T_START
-    print(f"wrote {args.out}")
-    print(f"RESULT initial_loss={initial_loss:.4e} final_loss={final_loss:.4e} "
-          f"max_rel_err={float(rel_err.max()):.4f} log10_dist={dist0:.3f}->{dist1:.3f} "
-          f"elapsed_s={elapsed:.1f}")
 
-    if args.no_check:
-        return 0
-    failures = []
-    if not math.isfinite(final_loss) or final_loss * QUICK_MIN_LOSS_FACTOR > initial_loss:
-        failures.append(f"the loss fell from {initial_loss:.3e} to {final_loss:.3e}, "
-                        f"less than the required factor {QUICK_MIN_LOSS_FACTOR:g}")
-    if not dist1 < dist0:
-        failures.append(f"log10 k moved away from the truth (distance {dist0:.3f} -> {dist1:.3f})")
     # The 5% target was verified for the default full run; other settings only check progress.
     full_default = (not args.quick and args.niters == FULL["niters"] and args.n_times == FULL["n_times"]
                     and args.method == "arkimex-3" and args.noise <= 0.005 and args.lr == 0.05)
-    if full_default and float(rel_err.max()) > FULL_MAX_REL_ERR:
-        failures.append(f"max relative error of k {float(rel_err.max()):.2%} > {FULL_MAX_REL_ERR:.0%}")
-    if failures:
-        for f in failures:
-            print(f"FAILED: {f}", file=sys.stderr)
-        return 1
-    print("OK: " + (f"all rate constants within {FULL_MAX_REL_ERR:.0%}" if full_default else
-                    f"loss fell {initial_loss / final_loss:.1f}x, log10 k distance {dist0:.3f} -> {dist1:.3f}"))
-    return 0
+    max_err = float(rel_err.max())
+    checks = [(math.isfinite(final_loss) and final_loss * QUICK_MIN_LOSS_FACTOR <= initial_loss,
+               f"the loss fell from {initial_loss:.3e} to {final_loss:.3e}, "
+               f"less than the required factor {QUICK_MIN_LOSS_FACTOR:g}"),
+              (dist1 < dist0, f"log10 k moved away from the truth (distance {dist0:.3f} -> {dist1:.3f})"),
+              (not full_default or max_err <= FULL_MAX_REL_ERR,
+               f"max relative error of k {max_err:.2%} > {FULL_MAX_REL_ERR:.0%}")]
+    return finish(f"initial_loss={initial_loss:.4e} final_loss={final_loss:.4e} max_rel_err={max_err:.4f} "
+                  f"log10_dist={dist0:.3f}->{dist1:.3f} elapsed_s={elapsed:.1f}",
+                  checks, enforce=not args.no_check,
+                  ok=(f"all rate constants within {FULL_MAX_REL_ERR:.0%}" if full_default else
+                      f"loss fell {initial_loss / final_loss:.1f}x, log10 k distance {dist0:.3f} -> {dist1:.3f}"))
 
 
 if __name__ == "__main__":

@@ -28,15 +28,11 @@ import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")  # headless: CI and containers have no display
-import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 import pnode  # noqa: E402
+from _common import finish, plt, progress, save_figure, setup  # noqa: E402
 
 TRUE_A = [[-0.1, 2.0], [-2.0, -0.1]]
 DATA_SIZE = 1000
@@ -158,18 +154,13 @@ def plot(path, t, true_y, pred_y, mae, method):
         ax.set(title=f"y{k + 1}(t)", xlabel="t", ylabel=f"y{k + 1}")
         ax.legend(loc="upper right")
     fig.suptitle(f"pnode neural ODE ({method}): full-trajectory mean |error| = {mae:.4f}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    # One thread: the tensors here are tiny (20 x 50), where intra-op threads only
-    # add synchronisation, and on a busy machine a descheduled helper thread stalls
-    # every operation (measured: 2 threads made iterations up to 20x slower).
-    torch.set_num_threads(1)
-    torch.manual_seed(args.seed)
+    # One thread (measured here: 2 threads made iterations up to 20x slower).
+    setup(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     # float64 everywhere: PETSc integrates in double precision anyway, and a
     # float32 f would put rounding noise of ~1e-7 into an error control asked for rtol 1e-7.
@@ -196,8 +187,7 @@ def main(argv=None):
           f"batch {args.batch_size} x {args.batch_time} points")
     print(f"initial full-trajectory MAE {initial_mae:.4f}")
 
-    bar = tqdm(range(1, args.niters + 1), desc="training", dynamic_ncols=True, mininterval=0.5,
-               file=sys.stdout)
+    bar = progress(range(1, args.niters + 1), desc="training")
     for it in bar:
         if not args.constant_lr:
             for group in optimizer.param_groups:
@@ -213,34 +203,26 @@ def main(argv=None):
             final_mae, pred_y = full_mae()
             bar.write(f"iter {it:5d}  batch loss {loss.item():.4f}  full-trajectory MAE {final_mae:.4f}")
     bar.close()
-    train_stats = str(node.stats)
-
+    print(f"last training call: {node.stats}")
+    print(f"last evaluation call: {evaluator.stats}")
     plot(args.out, t, true_y, pred_y, final_mae, args.method)
     elapsed = time.perf_counter() - _T_START
 
-    print(f"last training call: {train_stats}")
-    print(f"last evaluation call: {evaluator.stats}")
-    print(f"wrote {args.out}")
-    print(f"RESULT initial_mae={initial_mae:.5f} final_mae={final_mae:.5f} "
-          f"ratio={final_mae / initial_mae:.4f} elapsed_s={elapsed:.1f}")
-
-    if args.no_check:
-        return 0
-    if not math.isfinite(final_mae) or final_mae >= QUICK_MAX_RATIO * initial_mae:
-        print(f"FAILED: the full-trajectory MAE fell from {initial_mae:.4f} to {final_mae:.4f}, "
-              f"less than the required factor {1 / QUICK_MAX_RATIO:g}", file=sys.stderr)
-        return 1
+    checks = [(math.isfinite(final_mae) and final_mae < QUICK_MAX_RATIO * initial_mae,
+               f"the full-trajectory MAE fell from {initial_mae:.4f} to {final_mae:.4f}, "
+               f"less than the required factor {1 / QUICK_MAX_RATIO:g}")]
     # The absolute target was calibrated for the default full run only.
-    full_default = (not args.quick and args.niters == FULL_NITERS and args.method == "dopri5"
-                    and args.lr == DEFAULT_LR and not args.constant_lr and args.optimizer == "adam"
-                    and args.batch_time == 10 and args.batch_size == 20
-                    and args.rtol == 1e-7 and args.atol == 1e-9)
-    if full_default and final_mae >= FULL_MAX_MAE:
-        print(f"FAILED: full-trajectory MAE {final_mae:.4f} >= {FULL_MAX_MAE}", file=sys.stderr)
-        return 1
-    print("OK: " + (f"full-trajectory MAE {final_mae:.4f} < {FULL_MAX_MAE}" if full_default else
-                    f"full-trajectory MAE fell {initial_mae / final_mae:.1f}x"))
-    return 0
+    if (not args.quick and args.niters == FULL_NITERS and args.method == "dopri5"
+            and args.lr == DEFAULT_LR and not args.constant_lr and args.optimizer == "adam"
+            and args.batch_time == 10 and args.batch_size == 20
+            and args.rtol == 1e-7 and args.atol == 1e-9):
+        checks.append((final_mae < FULL_MAX_MAE, f"full-trajectory MAE {final_mae:.4f} >= {FULL_MAX_MAE}"))
+        ok = f"full-trajectory MAE {final_mae:.4f} < {FULL_MAX_MAE}"
+    else:
+        ok = f"full-trajectory MAE fell {initial_mae / final_mae:.1f}x"
+    return finish(f"initial_mae={initial_mae:.5f} final_mae={final_mae:.5f} "
+                  f"ratio={final_mae / initial_mae:.4f} elapsed_s={elapsed:.1f}", checks,
+                  enforce=not args.no_check, ok=ok)
 
 
 if __name__ == "__main__":

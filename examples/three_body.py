@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 import pnode
-from _common import Timer, markdown_table, plt, progress, save_figure, setup
+from _common import Timer, finish, markdown_table, plt, progress, save_figure, setup
 
 TRUE_MASSES = (1.0, 0.8, 1.2)
 SOFTENING = 0.1
@@ -198,12 +198,11 @@ def main(argv=None):
     plot(args.out, t_dense.numpy(), true_dense.numpy(), fit_dense.numpy(), init_dense.numpy(),
          obs.numpy(), masses.tolist(), rel_err)
     max_err = float(rel_err.max())
-    print(f"RESULT max_rel_mass_error={max_err:.5f} masses={','.join(f'{m:.5f}' for m in masses.tolist())} "
-          f"evals={evals} s_per_eval={timer.seconds / evals:.3f}")
-    if args.quick and not max_err < QUICK_MAX_REL_ERROR:
-        print(f"FAILED: largest relative mass error {max_err:.4f} >= {QUICK_MAX_REL_ERROR}", file=sys.stderr)
-        return 1
-    return 0
+    return finish(f"max_rel_mass_error={max_err:.5f} masses={','.join(f'{m:.5f}' for m in masses.tolist())} "
+                  f"evals={evals} s_per_eval={timer.seconds / evals:.3f}",
+                  [(max_err < QUICK_MAX_REL_ERROR,
+                    f"largest relative mass error {max_err:.4f} >= {QUICK_MAX_REL_ERROR}")],
+                  enforce=args.quick)
 
 
 if __name__ == "__main__":

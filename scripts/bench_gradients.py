@@ -75,6 +75,7 @@ from torch import nn  # noqa: E402
 import pnode  # noqa: E402
 from tests.reference.rk import explicit_rk  # noqa: E402
 from tests.reference.tableaus import RK_TABLEAUS  # noqa: E402
+from _bench_common import SavedBytes, rel_err  # noqa: E402  (scripts/ is on sys.path)
 
 T_OUT = (0.0, 0.5, 1.0)
 METHOD_SETTINGS = {
@@ -113,33 +114,6 @@ class Counted(nn.Module):
 
 
 # -- memory --------------------------------------------------------------------------------
-class SavedBytes:
-    """Pack hook: bytes of the storages autograd saves, each counted once."""
-
-    def __init__(self, exclude=()):
-        self.seen = {self._key(x) for x in exclude}
-        self.bytes = 0
-
-    @staticmethod
-    def _key(x):
-        try:
-            s = x.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # no plain storage (sparse, ...)
-            return id(x), x.numel() * x.element_size()
-        return s.data_ptr(), s.nbytes()
-
-    def pack(self, x):
-        key = self._key(x)
-        if key not in self.seen:
-            self.seen.add(key)
-            self.bytes += key[1]
-        return x
-
-    @staticmethod
-    def unpack(x):
-        return x
-
-
 def pnode_other_bytes(stats, n, itemsize, subtype):
     """Buffers pnode holds for the backward outside autograd's saved tensors."""
     stages = RK_TABLEAUS[subtype].stages
@@ -227,15 +201,6 @@ def reference_grads(net, y0, t, subtype, step_times):
         idx.append(i)
     loss = states[idx].pow(2).sum()
     return list(torch.autograd.grad(loss, [y0r, *net64.parameters()]))
-
-
-def rel_err(grads, ref):
-    worst = 0.0
-    for g, r in zip(grads, ref):
-        g, r = g.double(), r.double()
-        scale = float(r.abs().max())
-        worst = max(worst, float((g - r).abs().max()) / (scale if scale > 0 else 1.0))
-    return worst
 
 
 def run_problem(dtype, batch, method, reps, seed=0):

@@ -82,6 +82,7 @@ import torchdiffeq  # noqa: E402
 from torch import nn  # noqa: E402
 
 import pnode  # noqa: E402
+from _bench_common import SavedBytes, rel_err  # noqa: E402  (scripts/ is on sys.path)
 
 STATE, HIDDEN, BATCH = 32, 64, 16
 DTYPE = torch.float64
@@ -146,34 +147,6 @@ class _ACA(torch.autograd.Function):
 def aca_odeint(func, y0, t0, t1, n):
     params = [p for p in func.parameters() if p.requires_grad]
     return _ACA.apply(func, float(t0), (float(t1) - float(t0)) / n, n, y0, *params)
-
-
-# -- memory -----------------------------------------------------------------------------
-class SavedBytes:
-    """Pack hook: bytes of the storages autograd saves, each counted once."""
-
-    def __init__(self, exclude=()):
-        self.seen = {self._key(x) for x in exclude}
-        self.bytes = 0
-
-    @staticmethod
-    def _key(x):
-        try:
-            s = x.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return id(x), x.numel() * x.element_size()
-        return s.data_ptr(), s.nbytes()
-
-    def pack(self, x):
-        key = self._key(x)
-        if key not in self.seen:
-            self.seen.add(key)
-            self.bytes += key[1]
-        return x
-
-    @staticmethod
-    def unpack(x):
-        return x
 
 
 # -- checkpoint cost (Griewank 1992; Griewank & Walther, revolve, 2000) -------------------
@@ -294,14 +267,6 @@ def solver_bytes(c, st, state_bytes):
         return st.peak_checkpoint_bytes
     tape = st.rhs_evals * state_bytes if c.memory == "graphs" else 0
     return st.trajectory_bytes + tape
-
-
-def rel_err(grads, ref):
-    worst = 0.0
-    for g, r in zip(grads, ref):
-        scale = float(r.abs().max())
-        worst = max(worst, float((g - r).abs().max()) / (scale if scale > 0 else 1.0))
-    return worst
 
 
 # -- the run -------------------------------------------------------------------------------
