@@ -16,17 +16,22 @@ import torch
 class Staging:
     """Preallocated buffers for one state size, model dtype and device."""
 
-    def __init__(self, n, petsc_dtype, dtype, device):
+    def __init__(self, n, petsc_dtype, dtype, device, transfer=None):
         pin = device.type == "cuda" and torch.cuda.is_available()
         self.device = device
         self.dtype = dtype
-        self.host_in = torch.empty(n, dtype=petsc_dtype, pin_memory=pin)
-        self.host_out = torch.empty(n, dtype=petsc_dtype, pin_memory=pin)
+        # A CPU model of another precision needs a cast, not a transfer: no host buffers.
+        # (``transfer=True`` forces the device path, so the tests run it on a CPU.)
+        self.on_host = device.type == "cpu" if transfer is None else not transfer
+        self.host_in = None if self.on_host else torch.empty(n, dtype=petsc_dtype, pin_memory=pin)
+        self.host_out = None if self.on_host else torch.empty(n, dtype=petsc_dtype, pin_memory=pin)
         self.dev_in = torch.empty(n, dtype=dtype, device=device)
-        self.path = "pinned host staging" if pin else "host staging"
+        self.path = "host cast" if self.on_host else "pinned host staging" if pin else "host staging"
 
     def to_model(self, flat, copy):
         """The Vec's values on the model's device; a fresh tensor when ``copy``."""
+        if self.on_host:
+            return flat.to(self.dtype) if copy else self.dev_in.copy_(flat)
         self.host_in.copy_(flat)
         if copy:
             return self.host_in.to(device=self.device, dtype=self.dtype, non_blocking=True)
@@ -35,10 +40,12 @@ class Staging:
 
     def to_petsc(self, value, out_flat, scale=1.0):
         """out_flat = scale * value, with value on the model's device."""
-        # Device-to-host into pinned memory synchronises with the model's stream, so
-        # PETSc never reads a buffer a kernel is still writing.
-        self.host_out.copy_(value.reshape(-1))
-        if scale == 1.0:
-            out_flat.copy_(self.host_out)
+        if self.on_host:
+            out_flat.copy_(value.reshape(-1))
         else:
-            torch.mul(self.host_out, scale, out=out_flat)
+            # Device-to-host into pinned memory synchronises with the model's stream, so
+            # PETSc never reads a buffer a kernel is still writing.
+            self.host_out.copy_(value.reshape(-1))
+            out_flat.copy_(self.host_out)
+        if scale != 1.0:
+            out_flat.mul_(scale)

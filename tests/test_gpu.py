@@ -14,8 +14,9 @@ T = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_staging_reuses_its_buffers():
-    st = Staging(6, torch.float64, torch.float32, torch.device("cpu"))
+@pytest.mark.parametrize("transfer", [True, False], ids=["device-path", "host-cast"])
+def test_staging_reuses_its_buffers(transfer):
+    st = Staging(6, torch.float64, torch.float32, torch.device("cpu"), transfer=transfer)
     a = torch.arange(6, dtype=torch.float64)
     first = st.to_model(a, copy=False)
     second = st.to_model(a * 2, copy=False)
@@ -33,7 +34,7 @@ def test_float32_model_goes_through_staging():
     y0 = torch.randn(3, 3).requires_grad_()
     ys, stats = pnode.odeint(func, y0, T.float(), method="rk4", options={"step_size": 0.1},
                              return_stats=True)
-    assert stats.device_path == "host staging"
+    assert stats.device_path == "host cast"
     loss_fn(ys).backward()
     assert y0.grad.dtype == torch.float32
     ys64, stats64 = pnode.odeint(MLP(seed=0), y0.detach().double(), T, method="rk4",
