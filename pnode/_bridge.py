@@ -57,8 +57,7 @@ class Run:
         finally:
             self.solver.rhs = None
         if checkpointed:
-            self.recorded = (list(self.solver._step_times), list(self.solver.step_sizes),
-                         list(self.solver.output_steps))
+            self.recorded = self.solver.recorded_steps()
         return self.layout.from_flat(ys.to(dtype=self.dtype, device=self.device), lead=1)
 
     def _checkpointed_backward(self, g):

@@ -307,6 +307,10 @@ class Solver:
         st.forward_seconds = _time.perf_counter() - start
         return ys
 
+    def recorded_steps(self):
+        """(step times, step sizes, output step indices) of the last forward, for replays."""
+        return list(self._step_times), list(self.step_sizes), list(self.output_steps)
+
     def replay(self, rhs, y_start, first, t_start, t_end, sizes):
         """Integrate len(sizes) steps from (t_start, y_start) with exactly these step sizes."""
         self.rhs = rhs
