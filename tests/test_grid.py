@@ -167,3 +167,30 @@ def test_bad_input():
         pnode.odeint(lambda t, u: u, y0, T, method="rk4", grid=grid, adjoint_params=())
     with pytest.raises(ValueError, match="boundary"):
         pnode.Grid((4, 5), boundary="reflect")
+
+
+@pytest.mark.parametrize("method", ["rk4", "beuler"])
+def test_decreasing_time_and_expert_pc(method):
+    grid = pnode.Grid(**GRIDS["2d-periodic"])
+    func = Reaction(dim=2, dof=2)
+    field = initial_field(grid)
+    t = T.flip(0)
+    y0 = grid.local(field).clone().requires_grad_()
+    ys, stats = pnode.odeint(func, y0, t, method=method, options={"step_size": 0.1}, grid=grid,
+                             petsc_options={"pc_type": "asm"} if method == "beuler" else None, return_stats=True)
+    grads = torch.autograd.grad(loss(ys), [y0] + list(func.parameters()))
+
+    f = full_field(func, grid)
+    steps = [-s for s in stats.step_times]  # the reference integrates s = -t forwards
+
+    def backwards(s, y):
+        return -f(-s, y)
+    y_ref = field.clone().requires_grad_()
+    params = list(func.parameters())
+    ref = explicit_rk(backwards, y_ref, "4", steps) if method == "rk4" else \
+        theta_method(backwards, y_ref, 1.0, steps, params=params)
+    ref = ref[output_rows(steps, -t)]
+    ref_grads = torch.autograd.grad(loss(ref), [y_ref] + params)
+    assert rel_err(ys, ref) <= 1e-10
+    for a, b in zip(grads, ref_grads):
+        assert rel_err(a, b) <= 1e-8
