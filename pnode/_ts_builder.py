@@ -73,6 +73,11 @@ def _python_mat(rows, cols, context, comm):
     return mat
 
 
+def _param_jacobian(solver, part, sizes, mu):
+    solver.pjac[part] = ParamJacobian(solver, part)
+    return _python_mat(sizes, mu.getSizes(), solver.pjac[part], mu.getComm())
+
+
 def build_ts(solver, config, parts, u, mu):
     """Return (ts, u, lam, mu) with the solver's callbacks and shells installed."""
     method = config.method
@@ -102,9 +107,7 @@ def build_ts(solver, config, parts, u, mu):
         ts.setRHSFunction(solver.rhs_function, u.duplicate())
         ts.setRHSJacobian(solver.rhs_jacobian, J, J)
         if mu is not None:
-            solver.pjac["explicit"] = ParamJacobian(solver, "explicit")
-            ts.setRHSJacobianP(solver.rhs_jacobian_p,
-                               _python_mat(sizes, mu.getSizes(), solver.pjac["explicit"], comm))
+            ts.setRHSJacobianP(solver.rhs_jacobian_p, _param_jacobian(solver, "explicit", sizes, mu))
     if "implicit" in parts:
         solver.jac["implicit"] = ImplicitJacobian(solver)
         if config.jacobian == "dense":
@@ -119,9 +122,7 @@ def build_ts(solver, config, parts, u, mu):
         ts.setIFunction(solver.ifunction, u.duplicate())
         ts.setIJacobian(solver.ijacobian, A, P)
         if mu is not None:
-            solver.pjac["implicit"] = ParamJacobian(solver, "implicit")
-            ts.setIJacobianP(solver.ijacobian_p,
-                             _python_mat(sizes, mu.getSizes(), solver.pjac["implicit"], comm))
+            ts.setIJacobianP(solver.ijacobian_p, _param_jacobian(solver, "implicit", sizes, mu))
         if method.ts_type == "arkimex" and "explicit" not in parts:
             Z = _python_mat(sizes, sizes, ZeroJacobian(), comm)
             ts.setRHSJacobian(_no_point, Z, Z)
