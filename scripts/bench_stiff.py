@@ -70,6 +70,10 @@ from torch import nn
 
 import pnode
 
+# ROBER's right-hand side is the one examples/rober.py learns.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))
+from rober import K_TRUE, Robertson  # noqa: E402
+
 try:
     import torchdiffeq
 except ImportError:  # the table then has no torchdiffeq rows
@@ -84,22 +88,6 @@ DOPRI5_STABILITY = 3.3  # dopri5's stability interval on the negative real axis
 
 
 # -- problems ------------------------------------------------------------------------------
-class Robertson(nn.Module):
-    """ROBER with learnable log10 rate constants; y is (batch, 3)."""
-
-    K_TRUE = (0.04, 3e7, 1e4)
-
-    def __init__(self):
-        super().__init__()
-        self.log10_k = nn.Parameter(torch.tensor([math.log10(k) for k in self.K_TRUE], dtype=DTYPE))
-
-    def forward(self, t, y):
-        k1, k2, k3 = (10.0 ** self.log10_k).unbind()
-        y1, y2, y3 = y.unbind(-1)
-        r1, r2, r3 = k1 * y1, k2 * y2 * y2, k3 * y2 * y3
-        return torch.stack([-r1 + r3, r1 - r2 - r3, r2], dim=-1)
-
-
 class StiffMLP(nn.Module):
     """dy_b/dt = -K_b y_b + MLP(y_b): a stiff linear part per sample, a learnable nonstiff part."""
 
@@ -132,7 +120,7 @@ class Problem:
 
 
 def rober_problem(explicit_cap):
-    func = Robertson()
+    func = Robertson([math.log10(k) for k in K_TRUE])
     t = torch.cat([torch.zeros(1, dtype=DTYPE), torch.logspace(-5, 5, 20, dtype=DTYPE)])
     t_fine = torch.cat([torch.zeros(1, dtype=DTYPE), torch.logspace(-6, 5, 221, dtype=DTYPE)])
     gen = torch.Generator().manual_seed(1)
