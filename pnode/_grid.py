@@ -71,10 +71,19 @@ class Grid:
         self.stencil = stencil
         self.comm = comm
         # PETSc orders dimensions x, y, z: the reverse of tensor order.
-        self.da = PETSc.DMDA().create(
-            dim=len(shape), dof=self.dof, sizes=shape[::-1], stencil_width=self.stencil_width,
-            boundary_type=tuple(_BOUNDARIES[b] for b in boundaries[::-1]),
-            stencil_type=_STENCILS[stencil], comm=comm)
+        PETSc.Sys.pushErrorHandler("python")  # PETSc's words in the exception, not on stderr
+        try:
+            self.da = PETSc.DMDA().create(
+                dim=len(shape), dof=self.dof, sizes=shape[::-1], stencil_width=self.stencil_width,
+                boundary_type=tuple(_BOUNDARIES[b] for b in boundaries[::-1]),
+                stencil_type=_STENCILS[stencil], comm=comm)
+        except PETSc.Error as exc:
+            words = [str(e) for e in getattr(exc, "_traceback", ()) if "() at " not in str(e)]
+            raise ValueError(f"PETSc cannot lay out a grid of shape {shape} (stencil width "
+                             f"{self.stencil_width}) on {comm.getSize()} ranks: "
+                             f"{words[-1] if words else exc}; use a larger grid or fewer ranks") from None
+        finally:
+            PETSc.Sys.popErrorHandler()
         self.start = tuple(a for a, _ in self.da.getRanges()[::-1])
         self.stop = tuple(b for _, b in self.da.getRanges()[::-1])
         self.ghost_start = tuple(a for a, _ in self.da.getGhostRanges()[::-1])

@@ -167,6 +167,8 @@ def test_bad_input():
         pnode.odeint(lambda t, u: u, y0, T, method="rk4", grid=grid, adjoint_params=())
     with pytest.raises(ValueError, match="boundary"):
         pnode.Grid((4, 5), boundary="reflect")
+    with pytest.raises(ValueError, match="cannot lay out .* smaller than stencil width"):
+        pnode.Grid((1,), stencil_width=2)
 
 
 @pytest.mark.parametrize("method", ["rk4", "beuler"])
