@@ -105,7 +105,7 @@ class Run:
     def _unflatten(self, grad_y0, grad_p):
         if self.grid is not None:
             # Each rank's adjoint holds its own part of dL/dp; one allreduce per backward.
-            grad_p = self.grid.allreduce(grad_p)
+            grad_p = self.grid._allreduce(grad_p)
         grad_y0 = self.layout.from_flat(grad_y0.to(dtype=self.dtype, device=self.device))
         grads = []
         offset = 0

@@ -132,8 +132,8 @@ class Grid:
         """
         return _GlobalSum.apply(x, self)
 
-    # -- used by the solver --------------------------------------------------------------
-    def allreduce(self, tensor):
+    # -- private: used by pnode's bridge and solver cache ---------------------------------
+    def _allreduce(self, tensor):
         """Sum a CPU float64 tensor over ranks (a copy); None passes through."""
         if tensor is None or self.comm.getSize() == 1:
             return tensor
@@ -142,7 +142,7 @@ class Grid:
         self.comm.tompi4py().Allreduce(MPI.IN_PLACE, out.numpy(), op=MPI.SUM)
         return out
 
-    def check_state(self, y0, times):
+    def _check_state(self, y0, times):
         if tuple(y0.shape) != self.owned_shape:
             raise ValueError(f"with grid=..., y0 is this rank's block of shape grid.owned_shape = "
                              f"{self.owned_shape}, got {tuple(y0.shape)}: pass grid.local(field)")
@@ -152,7 +152,7 @@ class Grid:
         if len(set(self.comm.tompi4py().allgather(tuple(times)))) != 1:
             raise ValueError("t differs between ranks: every rank must pass the same output times")
 
-    def solver(self, config, n_params, parts):
+    def _make_solver(self, config, n_params, parts):
         return GridSolver(config, int(np.prod(self.owned_shape)), n_params, parts, self.comm, self)
 
 

@@ -68,7 +68,7 @@ class _SolverCache:
         solver = self.solvers.get(key)
         if solver is None or solver.broken:
             solver = Solver(config, n, n_params, parts) if grid is None else \
-                grid.solver(config, n_params, parts)
+                grid._make_solver(config, n_params, parts)
             self.solvers[key] = solver
         solver.config = config
         return solver
@@ -90,7 +90,7 @@ def _integrate(cache, func, y0, t, config, params, stats, grid):
     check_devices(y0, params)
     times = check_time(t, y0)
     if grid is not None:
-        grid.check_state(y0, times)
+        grid._check_state(y0, times)
     config = config.for_state(y0, grid)
     parts = _parts(func, config.method)
     solver = cache.get(config, y0.numel(), sum(p.numel() for p in params), tuple(sorted(parts)),
