@@ -103,7 +103,7 @@ class Run:
         return self._unflatten(grad_y0, grad_p)
 
     def _unflatten(self, grad_y0, grad_p):
-        if self.grid is not None:
+        if self.grid is not None and grad_p is not None:
             # Each rank's adjoint holds its own part of dL/dp; one allreduce per backward.
             grad_p = self.grid._allreduce(grad_p)
         grad_y0 = self.layout.from_flat(grad_y0.to(dtype=self.dtype, device=self.device))

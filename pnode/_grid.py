@@ -133,14 +133,11 @@ class Grid:
         return _GlobalSum.apply(x, self)
 
     # -- private: used by pnode's bridge and solver cache ---------------------------------
-    def _allreduce(self, tensor):
-        """Sum a CPU float64 tensor over ranks (a copy); None passes through."""
-        if tensor is None or self.comm.getSize() == 1:
-            return tensor
-        from mpi4py import MPI
-        out = tensor.detach().clone()
-        self.comm.tompi4py().Allreduce(MPI.IN_PLACE, out.numpy(), op=MPI.SUM)
-        return out
+    def _allreduce(self, value):
+        """The sum of a tensor over this grid's ranks (a float64 copy)."""
+        # Imported here: importing pnode.distributed under mpiexec installs its abort hook.
+        from .distributed import allreduce_sum
+        return allreduce_sum(value, self.comm.tompi4py())
 
     def _check_state(self, y0, times):
         if tuple(y0.shape) != self.owned_shape:
@@ -159,12 +156,7 @@ class Grid:
 class _GlobalSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, grid):
-        if grid.comm.getSize() == 1:
-            return x.clone()
-        from mpi4py import MPI
-        out = x.detach().to("cpu", torch.float64).clone().contiguous()
-        grid.comm.tompi4py().Allreduce(MPI.IN_PLACE, out.numpy(), op=MPI.SUM)
-        return out.to(x.device, x.dtype)
+        return grid._allreduce(x).to(x.device, x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -224,8 +216,10 @@ class GridSolver(Solver):
             # for the cache to replace at the next call, which every rank makes.
             self.broken = True
             return
-        self.ts.destroy()
-        type(self).__init__(self, self.config, self.n, self.n_params, self.parts, self.comm, self.grid)
+        super()._recover()
+
+    def _init_args(self):
+        return super()._init_args() + (self.grid,)
 
     # Ghost exchange before f sees a state or a direction; its transpose after a VJP.
     def state_input(self, vec):
@@ -249,8 +243,7 @@ class GridSolver(Solver):
         return self.state_input(self.gwork)
 
     def _sum_over_ranks(self, values):
-        from mpi4py import MPI
-        return list(self.comm.tompi4py().allreduce(np.asarray(values, dtype=np.float64), op=MPI.SUM))
+        return self.grid._allreduce(torch.tensor(values, dtype=torch.float64)).tolist()
 
     @staticmethod
     def _finite(view, vec):

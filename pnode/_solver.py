@@ -440,9 +440,12 @@ class Solver:
             raise cause
         raise failure from error
 
+    def _init_args(self):
+        return self.config, self.n, self.n_params, self.parts, self.comm
+
     def _recover(self):
         self.ts.destroy()
-        type(self).__init__(self, self.config, self.n, self.n_params, self.parts, self.comm)
+        type(self).__init__(self, *self._init_args())
 
     def _failure(self, message, phase, reason, error=None):
         """A SolverError (NonFiniteError for NaN/Inf) saying where PETSc stopped and why."""
