@@ -73,6 +73,7 @@ import torchdiffeq  # noqa: E402
 from torch import nn  # noqa: E402
 
 import pnode  # noqa: E402
+from pnode._rhs import _vjp  # noqa: E402
 from tests.reference.rk import explicit_rk  # noqa: E402
 from tests.reference.tableaus import RK_TABLEAUS  # noqa: E402
 from _bench_common import SavedBytes, rel_err  # noqa: E402  (scripts/ is on sys.path)
@@ -378,8 +379,66 @@ def overhead(reps, steps):
         f"- for scale, torchdiffeq odeint: {tdq_f:.1f} us per f call beyond bare f (no grad); its fwd+bwd "
         f"costs {med['tdq odeint fwd+bwd'] / n_tdq * us:.1f} us per f call all in (one backprop through "
         f"every call), pnode graphs {med['pnode graphs fwd+bwd'] / n_vjp * us:.1f} us per f + VJP all in",
+        petsc_floor(reps, steps),
     ]
     return lines
+
+
+class _Nothing:
+    """A MatPython context whose products do nothing."""
+
+    def mult(self, mat, x, y):
+        pass
+
+    multTranspose = mult
+
+
+def petsc_floor(reps, steps):
+    """PETSc's and petsc4py's own share: the same rk4 solve and adjoint with empty callbacks.
+
+    One callback per stage forward (the right-hand side) and four per stage backward (state
+    Jacobian, parameter Jacobian and their transposed products), as pnode installs them.
+    """
+    from petsc4py import PETSc
+    n, n_params = 2, 82   # MLP 2-16-2
+    u, mu = PETSc.Vec().createSeq(n), PETSc.Vec().createSeq(n_params)
+    ts = PETSc.TS().create(comm=PETSc.COMM_SELF)
+    ts.setOptionsPrefix("floor_")
+    options = PETSc.Options()
+    options["floor_ts_adapt_type"] = "none"
+    options["ts_trajectory_type"] = "memory"   # TSTrajectory ignores the TS's prefix
+    ts.setType("rk")
+    ts.setRKType("4")
+    J, Jp = (PETSc.Mat().createPython(size, context=_Nothing()) for size in ([n, n], [n, n_params]))
+    J.setUp()
+    Jp.setUp()
+    ts.setRHSFunction(lambda ts, t, u, F: None, u.duplicate())
+    ts.setRHSJacobian(lambda ts, t, u, A, P: None, J, J)
+    ts.setRHSJacobianP(lambda ts, t, u, A: None, Jp)
+    ts.setCostGradients([u.duplicate()], [mu])
+    ts.setExactFinalTime(PETSc.TS.ExactFinalTime.MATCHSTEP)
+    fwd, bwd = [], []
+    for _ in range(reps + 1):
+        ts.removeTrajectory()   # a fresh trajectory per solve, as pnode does
+        ts.setSaveTrajectory()
+        ts.setFromOptions()
+        ts.setTime(0.0)
+        ts.setStepNumber(0)
+        ts.setTimeStep(1.0 / steps)
+        ts.setMaxTime(1.0)
+        start = time.perf_counter()
+        ts.solve(u)
+        middle = time.perf_counter()
+        ts.adjointSetSteps(steps)
+        ts.adjointSolve()
+        fwd.append(middle - start)
+        bwd.append(time.perf_counter() - middle)
+    del options["ts_trajectory_type"]
+    del options["floor_ts_adapt_type"]
+    stages = 4 * steps
+    return (f"- PETSc's own floor, the same rk4 solve and adjoint with empty Python callbacks: "
+            f"{1e6 * statistics.median(fwd[1:]) / stages:.1f} us per stage forward, "
+            f"{1e6 * statistics.median(bwd[1:]) / stages:.1f} us per stage backward")
 
 
 # -- where pnode's time goes ----------------------------------------------------------------
@@ -428,6 +487,57 @@ def profile_split(reps=3):
         lines.append(f"- {name}: {1e3 * v / reps:.1f} ms per fwd+bwd ({100 * v / total:.0f}%)")
     lines.append(f"- total under the profiler: {1e3 * total / reps:.1f} ms per fwd+bwd")
     return lines
+
+
+def engine_split(reps=7, dtype=torch.float64, stages=160, h=0.025):
+    """What any stage-by-stage adjoint pays in the autograd engine, before PETSc.
+
+    The MLP of the table (batch 256) evaluated 160 times along an explicit
+    Euler chain y_{k+1} = y_k + h f(y_k), and dL/dy_0, dL/dp for L = sum(y_160)
+    computed two ways: one backward through the whole chain (what torchdiffeq's
+    backprop does), and one VJP per evaluation on its retained graph, summed by hand
+    (what TSAdjoint asks for, stage by stage). Same arithmetic, same graphs; the
+    difference is the engine's per-call cost.
+    """
+    torch.manual_seed(0)
+    net = MLP([32, 128, 128, 32]).to(dtype)
+    params = tuple(net.parameters())
+    y0 = torch.randn(256, 32, dtype=dtype)
+
+    def chained():
+        y = y0.clone().requires_grad_()
+        out = y
+        for _ in range(stages):
+            out = out + h * net(out)
+        start = time.perf_counter()
+        torch.autograd.grad(out.sum(), (y, *params))
+        return time.perf_counter() - start
+
+    def per_stage():
+        graphs, y = [], y0
+        for _ in range(stages):
+            y_in = y.clone().requires_grad_()
+            graphs.append((y_in, net(y_in)))
+            y = y + h * graphs[-1][1].detach()
+        start = time.perf_counter()
+        lam = torch.ones_like(y0)
+        acc = [torch.zeros_like(p) for p in params]
+        for y_in, out in reversed(graphs):
+            g = _vjp(out, (y_in, *params), h * lam)   # the engine call pnode's bridge makes
+            lam = lam + g[0]
+            torch._foreach_add_(acc, list(g[1:]))
+        return time.perf_counter() - start
+
+    chained(), per_stage()
+    times = {"chained": [], "per stage": []}
+    for _ in range(reps):
+        times["chained"].append(chained())
+        times["per stage"].append(per_stage())
+    a, b = (statistics.median(times[k]) for k in ("chained", "per stage"))
+    return [f"Autograd engine, same 160 MLP evaluations ({str(dtype)[6:]}, batch 256): one backward through "
+            f"the chain {1e3 * a:.1f} ms, 160 separate VJPs on retained graphs {1e3 * b:.1f} ms "
+            f"({b / a:.2f}x; {1e6 * (b - a) / stages:.0f} us per call): the engine's cost of "
+            f"differentiating stage by stage, before any PETSc work."]
 
 
 def main(argv=None):
@@ -479,7 +589,7 @@ def main(argv=None):
         print("\n".join(lines), flush=True)
         out += lines + [""]
     if args.profile:
-        lines = profile_split()
+        lines = profile_split() + [""] + engine_split(reps) + engine_split(reps, torch.float32)
         print("\n".join([""] + lines), flush=True)
         out += lines + [""]
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
