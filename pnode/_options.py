@@ -48,21 +48,26 @@ class Config:
     jacobian: Optional[str] = None
     checkpoints: Optional[int] = None
     replay: str = ""              # "advance" or "tape": a solver replaying recorded step sizes
+    eps: float = 2.0 ** -52       # machine epsilon of the model's dtype: the floor of Newton's residual
     petsc_options: Tuple[Tuple[str, str], ...] = field(default_factory=tuple)
 
     def solver_key(self):
         """What a cached Solver depends on (tolerances and steps are set per call)."""
         return (self.method.name, self.fixed, self.theta, self.jacobian, self.petsc_options,
-                self.max_rejections, self.replay)
+                self.max_rejections, self.replay, self.eps)
 
     @property
     def fixed(self):
         return bool(self.replay) or self.step_size is not None or not self.method.embedded
 
     def for_state(self, y0, grid=None):
-        """The configuration with the Jacobian choice resolved for this state."""
+        """The configuration with the Jacobian choice and the model's precision resolved for this state."""
         if self.method.kind == "explicit":
             return self
+        cfg = replace(self, eps=torch.finfo(y0.dtype).eps)
+        return cfg._with_jacobian(y0, grid)
+
+    def _with_jacobian(self, y0, grid):
         if grid is not None:
             if self.jacobian in ("blockdiag", "dense"):
                 raise ValueError(f"options['jacobian']={self.jacobian!r} does not apply to a distributed "

@@ -200,7 +200,8 @@ class Solver:
     direction_input = state_input
 
     def _gradient(self, gy):
-        return self.rhs.layout.flat(gy).to(self.u_view.device, self.u_view.dtype)
+        # Another dtype stays: _finish's copy or arithmetic casts it, one pass fewer.
+        return self.rhs.layout.flat(gy).to(self.u_view.device)
 
     def _finish(self, value, x, y, shift, add, scale=1.0):
         """y = value (explicit part) or scale * (shift * x - value) (implicit part), plus ``add``."""

@@ -18,16 +18,30 @@ from ._shells import BlockDiagonalPC, ExplicitJacobian, ImplicitJacobian, ParamJ
 
 _ids = itertools.count()
 
-# Tight Newton and Krylov tolerances: the discrete adjoint differentiates the
-# converged stage equations, so gradients are only as accurate as these solves.
 _SOLVER_OPTIONS = {
     "matrix-free": {"ksp_type": "gmres", "pc_type": "none"},
     "blockdiag": {"ksp_type": "gmres"},
     "dense": {"ksp_type": "preonly", "pc_type": "lu"},
     "colored": {"ksp_type": "gmres", "pc_type": "bjacobi"},  # ILU on each rank's block
 }
-_TOLERANCES = {"snes_rtol": "1e-12", "snes_atol": "1e-14", "ksp_rtol": "1e-13", "ksp_atol": "1e-15",
-               "ksp_max_it": "500", "snes_max_it": "50"}
+
+
+def _tolerances(eps):
+    """Newton and Krylov tolerances for a model computing in precision ``eps``.
+
+    Tight: the discrete adjoint differentiates the converged stage equations, so
+    gradients are only as accurate as these solves. But not below what the model
+    can resolve: a float32 f leaves rounding noise of about eps * |f| in every
+    residual, so Newton asked for 1e-12 never converges (every float32 implicit
+    solve failed at the first step). 100 eps is the relative floor, for the residual
+    and for Newton's step; a float64 model keeps the tight values.
+    """
+    floor = min(100 * eps, 1e-3)   # past 1e-3 (float16, bfloat16) fail loudly rather than accept noise
+    options = {"snes_rtol": max(1e-12, floor), "snes_atol": 1e-14, "ksp_rtol": max(1e-13, eps),
+               "ksp_atol": 1e-15, "ksp_max_it": 500, "snes_max_it": 50}
+    if floor > 1e-8:  # PETSc's default step tolerance
+        options["snes_stol"] = floor
+    return {key: f"{value:g}" for key, value in options.items()}
 
 
 def _clear_options(prefix, keys):
@@ -126,7 +140,7 @@ def build_ts(solver, config, parts, u, mu):
         if method.ts_type == "arkimex" and "explicit" not in parts:
             Z = _python_mat(sizes, sizes, ZeroJacobian(), comm)
             ts.setRHSJacobian(_no_point, Z, Z)
-        options.update(_TOLERANCES)
+        options.update(_tolerances(config.eps))
         options.update(_SOLVER_OPTIONS[config.jacobian])
         if config.jacobian == "dense":  # a direct solve: no Krylov tolerances to set
             for key in ("ksp_rtol", "ksp_atol", "ksp_max_it"):
