@@ -56,6 +56,15 @@ def check(exc_info, *words):
 # --------------------------------------------------------------------------------------------
 # Bad input: a ValueError / TypeError before PETSc runs, naming the argument and the fix.
 
+def check_both_entries(y0, t, exc, words):
+    """odeint and NeuralODE reject the same bad (y0, t) with the same message."""
+    for call in (lambda: odeint(minus, y0, t, adjoint_params=(), **RK4),
+                 lambda: NeuralODE(Net(), **RK4)(y0, t)):
+        with pytest.raises(exc) as info:
+            call()
+        check(info, *words)
+
+
 BAD_T = [
     ("2-D", T.view(1, 3), ValueError, ["t must be 1-D", "(1, 3)"]),
     ("one point", T[:1], ValueError, ["at least 2 times"]),
@@ -74,12 +83,7 @@ BAD_T = [
 
 @pytest.mark.parametrize("name, t, exc, words", BAD_T, ids=[c[0] for c in BAD_T])
 def test_bad_t(name, t, exc, words):
-    with pytest.raises(exc) as info:
-        odeint(minus, Y0, t, adjoint_params=(), **RK4)
-    check(info, *words)
-    with pytest.raises(exc) as info:
-        NeuralODE(Net(), **RK4)(Y0, t)
-    check(info, *words)
+    check_both_entries(Y0, t, exc, words)
 
 
 BAD_Y0 = [
@@ -98,12 +102,7 @@ BAD_Y0 = [
 
 @pytest.mark.parametrize("name, y0, exc, words", BAD_Y0, ids=[c[0] for c in BAD_Y0])
 def test_bad_y0(name, y0, exc, words):
-    with pytest.raises(exc) as info:
-        odeint(minus, y0, T, adjoint_params=(), **RK4)
-    check(info, *words)
-    with pytest.raises(exc) as info:
-        NeuralODE(Net(), **RK4)(y0, T)
-    check(info, *words)
+    check_both_entries(y0, T, exc, words)
 
 
 def test_y0_on_another_device_than_the_module():
