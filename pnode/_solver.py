@@ -28,13 +28,10 @@ def _vec(n, comm):
         return PETSc.Vec().createMPI((PETSc.DECIDE, n), comm=comm)
     return PETSc.Vec().createSeq(n, comm=comm)
 
-_REASONS = {getattr(PETSc.TS.ConvergedReason, name): name
-            for name in dir(PETSc.TS.ConvergedReason) if name.isupper() or name.startswith("CONVERGED")
-            or name.startswith("DIVERGED")}
 
-
-def reason_name(code):
-    return _REASONS.get(code, str(code))
+def _enum_name(enum, code):
+    """The name of a petsc4py enum value (TS, SNES or KSP converged reason), else the code."""
+    return next((k for k in dir(enum) if k.isupper() and getattr(enum, k) == code), str(code))
 
 
 class Solver:
@@ -220,8 +217,7 @@ class Solver:
 
     def jvp(self, part, point, x, y, shift, scale):
         jv = self.rhs.jvp(part, point, self.state_input(point.vec), self.direction_input(x))
-        self._finish(self.rhs.layout.flat(jv).to(self.u_view.device, self.u_view.dtype), x, y, shift, None,
-                     scale)
+        self._finish(self.rhs.layout.flat(jv).to(self.u_view.device), x, y, shift, None, scale)
 
     def state_vjp(self, part, point, x, y, shift, add=None, scale=1.0):
         want_p = part in self.pjac
@@ -461,10 +457,7 @@ class Solver:
                                         "func is differentiable in y",
             "DIVERGED_MAX_STEPS": "raise options['max_num_steps']",
         }
-        def _enum_name(enum, code):
-            return next((k for k in dir(enum) if k.isupper() and getattr(enum, k) == code), str(code))
-
-        name = reason_name(reason) if isinstance(reason, int) else reason
+        name = _enum_name(PETSc.TS.ConvergedReason, reason)
         details = []
         if error is not None:
             # PETSc's own words: the entries of petsc4py's traceback that are not "f() at file:line".
