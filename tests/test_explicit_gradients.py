@@ -3,6 +3,7 @@ through an independent pure-torch implementation of the same tableau on the same
 
 import pytest
 import torch
+from torch import nn
 
 import pnode
 from helpers import MLP, loss_fn, output_rows, rel_err
@@ -205,3 +206,31 @@ def test_fixed_step_size_is_restored_after_an_output_time(t, expected):
     _, stats = pnode.odeint(func, y0, torch.tensor(t, dtype=torch.float64), method="rk4",
                             options={"step_size": 0.5}, return_stats=True)
     assert stats.step_times == pytest.approx(expected, rel=1e-14)
+
+
+class _WithUnused(nn.Module):
+    """An MLP plus a parameter it never uses (a second head, say): its VJP is None."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = MLP(seed=3)
+        self.unused = nn.Parameter(torch.ones(5, dtype=torch.float64))
+
+    def forward(self, t, y):
+        return self.inner(t, y)
+
+
+@pytest.mark.parametrize("method", ["rk4", "beuler", "arkimex"])
+def test_parameter_that_func_ignores_gets_zero_gradient(method):
+    """The others' gradients are unchanged, bit for bit (the explicit part writes parameter
+    products as they are, the implicit part negated: both paths, with and without a None)."""
+    y0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64).requires_grad_()
+    func = _WithUnused()
+    opts = {"step_size": 0.05}
+    ys = pnode.odeint(func, y0, T, method=method, options=opts)
+    g = torch.autograd.grad(loss_fn(ys), [y0, *func.inner.parameters(), func.unused])
+    ys_ref = pnode.odeint(func.inner, y0, T, method=method, options=opts)
+    g_ref = torch.autograd.grad(loss_fn(ys_ref), [y0, *func.inner.parameters()])
+    assert torch.equal(g[-1], torch.zeros(5, dtype=torch.float64))
+    for a, b in zip(g[:-1], g_ref):
+        assert torch.equal(a, b)
