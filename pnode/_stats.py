@@ -1,6 +1,6 @@
 """Per-call statistics: what the forward and backward solves cost."""
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import List
 
 
@@ -39,9 +39,6 @@ class Stats:
         self.checkpoints = 0
         self.peak_checkpoint_bytes = 0
         self.backward_seconds = 0.0
-
-    def as_dict(self):
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def __str__(self):
         return (f"{self.method}: {self.steps} steps ({self.rejected_steps} rejected), "
