@@ -418,6 +418,21 @@ def test_krylov_divergence():
     check(info, "Krylov (KSP) DIVERGED_MAX_IT", "linear solves", "Hint:")
 
 
+def test_second_order_gradients_raise_instead_of_coming_out_zero():
+    """pnode's backward is first order: differentiating through its gradient must fail
+    loudly (a gradient penalty would otherwise lose pnode's part without a word), while
+    create_graph=True alone still gives the first-order gradient."""
+    net = Net()
+    y0 = Y0.clone().requires_grad_()
+    ys = NeuralODE(net, **RK4)(y0, T)
+    g, = torch.autograd.grad((ys ** 2).sum(), y0, create_graph=True)
+    g_ref, = torch.autograd.grad((NeuralODE(Net(), **RK4)(y0, T) ** 2).sum(), y0)
+    assert torch.equal(g.detach(), g_ref)
+    with pytest.raises(RuntimeError) as info:
+        g.sum().backward()
+    check(info, "differentiate twice", "once_differentiable")
+
+
 def test_every_pnode_error_is_a_runtime_error():
     for cls in (SolverError, NonFiniteError, RHSError):
         assert issubclass(cls, PnodeError) and issubclass(cls, RuntimeError)
