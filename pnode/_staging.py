@@ -40,12 +40,13 @@ class Staging:
 
     def to_petsc(self, value, out_flat, scale=1.0):
         """out_flat = scale * value, with value on the model's device."""
-        if self.on_host:
-            out_flat.copy_(value.reshape(-1))
-        else:
+        src = value.reshape(-1)
+        if not self.on_host:
             # Device-to-host into pinned memory synchronises with the model's stream, so
             # PETSc never reads a buffer a kernel is still writing.
-            self.host_out.copy_(value.reshape(-1))
-            out_flat.copy_(self.host_out)
-        if scale != 1.0:
-            out_flat.mul_(scale)
+            self.host_out.copy_(src)
+            src = self.host_out
+        if scale == 1.0:
+            out_flat.copy_(src)
+        else:  # cast and scale in one pass
+            torch.mul(src, scale, out=out_flat)
