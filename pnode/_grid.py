@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ._coloring import Coloring
-from ._petsc import PETSc
+from ._petsc import PETSc, petsc_message
 from ._solver import Solver
 
 _BOUNDARIES = {"periodic": PETSc.DMDA.BoundaryType.PERIODIC,
@@ -78,10 +78,9 @@ class Grid:
                 boundary_type=tuple(_BOUNDARIES[b] for b in boundaries[::-1]),
                 stencil_type=_STENCILS[stencil], comm=comm)
         except PETSc.Error as exc:
-            words = [str(e) for e in getattr(exc, "_traceback", ()) if "() at " not in str(e)]
             raise ValueError(f"PETSc cannot lay out a grid of shape {shape} (stencil width "
                              f"{self.stencil_width}) on {comm.getSize()} ranks: "
-                             f"{words[-1] if words else exc}; use a larger grid or fewer ranks") from None
+                             f"{petsc_message(exc) or exc}; use a larger grid or fewer ranks") from None
         finally:
             PETSc.Sys.popErrorHandler()
         self.start = tuple(a for a, _ in self.da.getRanges()[::-1])

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._methods import Method, get_method
-from ._petsc import PETSc
+from ._petsc import PETSc, petsc_message
 
 MEMORY_MODES = ("graphs", "states")
 JACOBIANS = ("blockdiag", "dense", "matrix-free", "colored")
@@ -171,12 +171,6 @@ _RESERVED = {"ts_type": "method=", "ts_rtol": "rtol=", "ts_atol": "atol=",
              "ts_trajectory_type": "options['checkpoints']"}
 
 
-def _petsc_words(error):
-    """PETSc's own message in a petsc4py error raised under the "python" error handler."""
-    words = [str(e) for e in getattr(error, "_traceback", ()) if "() at " not in str(e)]
-    return words[-1] if words else f"PETSc error code {error.ierr}"
-
-
 @functools.lru_cache(maxsize=256)
 def _petsc_verdict(ts_type, items):
     """(PETSc's complaint or None, keys PETSc never read) for these options on a bare TS.
@@ -197,7 +191,7 @@ def _petsc_verdict(ts_type, items):
         try:
             ts.setFromOptions()
         except PETSc.Error as exc:
-            return _petsc_words(exc), ()
+            return petsc_message(exc) or f"PETSc error code {exc.ierr}", ()
         return None, tuple(key for key, _ in items if not db.used(f"-{prefix}{key}"))
     finally:
         PETSc.Sys.popErrorHandler()

@@ -56,6 +56,14 @@ if np.dtype(PETSc.ScalarType).kind == "c":
     raise ImportError("pnode needs a real-valued PETSc build (PetscScalar is complex here); "
                       f"{INSTALL_HINT}")
 
+
+def petsc_message(error):
+    """PETSc's own words in a petsc4py error raised under the "python" error handler:
+    the last entry of its traceback that is not a "f() at file:line" frame, else None."""
+    words = [str(e) for e in getattr(error, "_traceback", ()) if "() at " not in str(e)]
+    return words[-1] if words else None
+
+
 # PETSc's own message (for example a rejected option value) is otherwise
 # swallowed by petsc4py; the traceback handler prints it next to the Python error.
 PETSc.Sys.pushErrorHandler("traceback")

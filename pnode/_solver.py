@@ -18,7 +18,7 @@ import torch
 
 from ._errors import NonFiniteError, PnodeError, SolverError
 from ._initial_step import initial_step
-from ._petsc import PETSc
+from ._petsc import PETSc, petsc_message
 from ._staging import Staging
 from ._ts_builder import apply_options, build_ts
 
@@ -460,9 +460,8 @@ class Solver:
         name = _enum_name(PETSc.TS.ConvergedReason, reason)
         details = []
         if error is not None:
-            # PETSc's own words: the entries of petsc4py's traceback that are not "f() at file:line".
-            words = [str(e) for e in getattr(error, "_traceback", ()) if "() at " not in str(e)]
-            details.append(f"PETSc error {error.ierr}" + (f": {words[-1]}" if words else ""))
+            said = petsc_message(error)
+            details.append(f"PETSc error {error.ierr}" + (f": {said}" if said else ""))
         residual = None
         nonfinite = error is not None and error.ierr == 72  # PETSC_ERR_FP
         if "implicit" in self.parts:
