@@ -1,4 +1,7 @@
-"""Shared test problems and comparison helpers."""
+"""Shared test problems and comparison helpers, and how the tests launch MPI jobs."""
+
+import os
+import shutil
 
 import torch
 from torch import nn
@@ -61,3 +64,16 @@ def output_rows(step_times, t):
     """Indices of the output times among the step boundaries (they coincide up to rounding)."""
     st = torch.tensor(step_times, dtype=torch.float64)
     return [int(torch.argmin((st - float(ti)).abs())) for ti in t]
+
+
+def mpiexec(ranks, command):
+    """(argv, environment) to run ``command`` on ``ranks`` MPI ranks from a test.
+
+    Open MPI refuses root without the two ALLOW variables (containers, CI) and more
+    ranks than cores without oversubscription; one thread per rank.
+    """
+    launcher = shutil.which("mpiexec")
+    assert launcher, "mpiexec not found: scripts/setup.sh installs Open MPI (openmpi-bin)"
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1", OMP_NUM_THREADS="1")
+    return [launcher, "-n", str(ranks)] + list(command), env

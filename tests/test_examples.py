@@ -5,14 +5,14 @@ the test checks the exit status (every quick run asserts its metric and exits
 non-zero when it misses), the figure, and the metric line the script prints.
 """
 
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import mpiexec
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -23,9 +23,7 @@ def run_quick(name, tmp_path, ranks=None):
     command = [sys.executable, str(ROOT / "examples" / f"{name}.py"), "--quick", "--out", str(png)]
     env = None
     if ranks is not None:
-        command = [shutil.which("mpiexec"), "-n", str(ranks)] + command
-        env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                   OMPI_MCA_rmaps_base_oversubscribe="1", OMP_NUM_THREADS="1")
+        command, env = mpiexec(ranks, command)
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]

@@ -1,23 +1,20 @@
 """MPI runs launched from the normal test command with `mpiexec -n 2` (CI runs them)."""
 
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
+from helpers import mpiexec
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-MPIEXEC = shutil.which("mpiexec")
 pytestmark = pytest.mark.mpi
 
 
 def _mpiexec(script, timeout=240):
-    assert MPIEXEC, "mpiexec not found: scripts/setup.sh installs Open MPI (openmpi-bin)"
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMPI_MCA_rmaps_base_oversubscribe="1", OMP_NUM_THREADS="1")
-    return subprocess.run([MPIEXEC, "-n", "2", sys.executable, os.path.join(HERE, "mpi", script)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    argv, env = mpiexec(2, [sys.executable, os.path.join(HERE, "mpi", script)])
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.parametrize("script, marker", [("data_parallel_check.py", "data-parallel OK"),
