@@ -11,10 +11,10 @@ vector-Jacobian products (VJPs) for the adjoint, Jacobian-vector products
 Memory modes. With a :class:`Tape` (``memory="graphs"``) every evaluation of
 the forward solve keeps its autograd graph, so the backward runs VJPs only; a
 graph is found again by step, part and stage vector, and accepted only if the
-state matches bit for bit. Without a tape (``memory="states"``) PETSc's
-trajectory stores the stage states and each VJP re-evaluates ``f`` with grad at
-that state (the last such graph is reused while PETSc stays at one point, as in
-a transposed Krylov solve). Either way the VJP is taken at exactly the state
+input f saw then equals exactly what f would see at PETSc's state now. Without
+a tape (``memory="states"``) PETSc's trajectory stores the stage states and each
+VJP re-evaluates ``f`` with grad at that state (the last such graph is reused
+while PETSc stays at one point, as in a transposed Krylov solve). Either way the VJP is taken at exactly the state
 PETSc hands over, so both modes give the same gradient.
 """
 
@@ -43,13 +43,13 @@ def _vjp(out, inputs, w):
 
 
 class _Entry:
-    __slots__ = ("part", "handle", "time", "y_ref", "y_in", "out")
+    __slots__ = ("part", "handle", "time", "seen", "y_in", "out")
 
-    def __init__(self, part, handle, time, y_ref, y_in, out):
+    def __init__(self, part, handle, time, seen, y_in, out):
         self.part = part
         self.handle = handle
         self.time = time
-        self.y_ref = y_ref
+        self.seen = seen    # flat: what decides a match (see RHS._seen)
         self.y_in = y_in
         self.out = out
 
@@ -69,33 +69,34 @@ class Tape:
     def __init__(self):
         self.steps = {}
 
-    def record(self, step, part, handle, time, y_ref, y_in, out):
+    def record(self, step, part, handle, time, seen, y_in, out):
         entries = self.steps.setdefault(step, [])
         for i, e in enumerate(entries):
             # A Newton iterate, or a rejected step attempt, is superseded by the next
             # evaluation on the same vector at the same stage time.
             if e.handle == handle and e.part == part and e.time == time:
-                entries[i] = _Entry(part, handle, time, y_ref, y_in, out)
+                entries[i] = _Entry(part, handle, time, seen, y_in, out)
                 return
-        entries.append(_Entry(part, handle, time, y_ref, y_in, out))
+        entries.append(_Entry(part, handle, time, seen, y_in, out))
 
     def lookup(self, step, part, handle, time, y):
+        """The entry whose ``seen`` equals ``y`` (same kind of tensor), else None."""
         entries = self.steps.get(step, ())
         # The common case first: the stage vector the forward evaluated on, at this step.
         for e in entries:
-            if e.handle == handle and e.part == part and torch.equal(e.y_ref, y):
+            if e.handle == handle and e.part == part and torch.equal(e.seen, y):
                 return e
         for s in (step, step - 1):
             for e in self.steps.get(s, ()):
                 if e.part == part and (e.handle == handle or _close_times(e.time, time)) \
-                        and torch.equal(e.y_ref, y):
+                        and torch.equal(e.seen, y):
                     return e
         # First-same-as-last RK tableaus (dopri5, bosh3, ...) never evaluate stage 0:
         # the forward reused f at the previous step's last stage, whose state equals
         # y_n up to the summation order of VecMAXPY. Differentiating that evaluation
         # is differentiating what the forward computed.
         for e in self.steps.get(step - 1, ()):
-            if e.part == part and _close_times(e.time, time) and _same_up_to_rounding(e.y_ref, y):
+            if e.part == part and _close_times(e.time, time) and _same_up_to_rounding(e.seen, y):
                 return e
         return None
 
@@ -183,6 +184,27 @@ class RHS:
                 time=self.sign * s)
         return out
 
+    def _seen(self, y_flat):
+        """(seen, f's input) for the tape: ``seen`` is what the backward's check compares.
+
+        f's input is a private copy, and ``seen`` is normally its flat base: on the
+        host, f's input is a deterministic function of the Vec (itself, or its cast),
+        so the backward applies it again to PETSc's state and compares exactly
+        (:meth:`_probe`). A float32 model then keeps no float64 copy of each stage
+        (10 of 72.6 MB in the rk4 benchmark). On a device that comparison would
+        synchronise every stage, so ``seen`` is there a host copy of the Vec.
+        """
+        if self.staging is None or self.staging.on_host:
+            seen = y_flat.clone() if self.staging is None else self.staging.to_model(y_flat, copy=True)
+            return seen, self.layout.input(seen)
+        return y_flat.clone(), self._model_input(y_flat, copy=True)
+
+    def _probe(self, y_flat):
+        """PETSc's state as the tape's ``seen`` holds it (see :meth:`_seen`)."""
+        if self.staging is not None and self.staging.on_host:
+            return self.staging.to_model(y_flat, copy=False)
+        return y_flat
+
     def value(self, part, s, y_flat):
         """f(sign * s, y) without a graph, shaped like y (the initial-step heuristic uses it too)."""
         with torch.no_grad():
@@ -198,13 +220,11 @@ class RHS:
             out = self.value(part, s, y_flat)
         else:
             # A private copy: PETSc overwrites its stage vectors, the graph must not see that.
-            # y_ref keeps PETSc's values for the tape's check; f's input views it when it can.
-            y_ref = y_flat.clone()
-            y_in = (self.layout.input(y_ref) if self.staging is None
-                    else self._model_input(y_flat, copy=True)).requires_grad_()
+            seen, y_in = self._seen(y_flat)
+            y_in.requires_grad_()
             with torch.enable_grad():
                 out = self._call(part, s, y_in)
-            self.tape.record(ts.getStepNumber(), part, u.getId(), s, y_ref, y_in, out)
+            self.tape.record(ts.getStepNumber(), part, u.getId(), s, seen, y_in, out)
             out = out.detach()
         if self.staging is not None:
             self.staging.to_petsc(out, out_flat, self.sign)
@@ -234,7 +254,7 @@ class RHS:
 
     def _graph_at(self, part, point, y_flat):
         """(y_in, out) at PETSc's point: from the tape when the forward kept it."""
-        entry = self.tape.lookup(point.step, part, point.vec.getId(), point.time, y_flat) \
+        entry = self.tape.lookup(point.step, part, point.vec.getId(), point.time, self._probe(y_flat)) \
             if self.tape is not None else None
         if entry is not None:
             return entry.y_in, entry.out

@@ -120,11 +120,9 @@ def pnode_other_bytes(stats, n, itemsize, subtype):
     stages = RK_TABLEAUS[subtype].stages
     # PETSc's memory trajectory keeps, per step, the solution and every stage vector (doubles).
     petsc = stats.steps * (stages + 1) * n * 8
-    tape = 0
-    if stats.memory == "graphs":
-        # The tape keeps each stage's output, plus a double copy of its input when
-        # the model's dtype is not PETSc's.
-        tape = stats.rhs_evals * n * (itemsize + (8 if itemsize != 8 else 0))
+    # With memory="graphs" the tape keeps each stage's output; its input (f's own
+    # copy, in the model's dtype on the host) is already among autograd's saved tensors.
+    tape = stats.rhs_evals * n * itemsize if stats.memory == "graphs" else 0
     return petsc + tape
 
 

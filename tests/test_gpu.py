@@ -37,6 +37,7 @@ def test_float32_model_goes_through_staging():
     assert stats.device_path == "host cast"
     loss_fn(ys).backward()
     assert y0.grad.dtype == torch.float32
+    assert stats.recomputed_rhs == 0  # the tape recognised every stage through the cast
     ys64, stats64 = pnode.odeint(MLP(seed=0), y0.detach().double(), T, method="rk4",
                                  options={"step_size": 0.1}, return_stats=True)
     assert stats64.device_path == "shared memory (DLPack)"
@@ -57,6 +58,34 @@ def test_float32_model_backwards_in_time(method, options):
         grads.append(torch.autograd.grad(loss_fn(ys), [y, *func.parameters()]))
     for a, b in zip(*grads):
         assert a.dtype == torch.float32 and rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("memory", ["graphs", "states"])
+@pytest.mark.parametrize("method, options", [("rk4", {"step_size": 0.1}), ("dopri5", {}),
+                                             ("beuler", {"step_size": 0.1})])
+def test_device_path_on_the_cpu_matches_host_cast(monkeypatch, method, options, memory):
+    """The staging path a GPU model takes (host copy, transfer, cast), forced on the CPU:
+    it moves the same values as the direct host cast, so everything is bit for bit equal."""
+    y0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([0.0, 0.4, 1.0])
+    results = []
+    for transfer in (False, True):
+        monkeypatch.setattr(pnode._solver, "Staging",
+                            lambda *args, transfer=transfer: Staging(*args, transfer=transfer))
+        func = MLP(seed=4).float()
+        y = y0.clone().requires_grad_()
+        ys, stats = pnode.odeint(func, y, t, method=method, options=dict(options, memory=memory),
+                                 return_stats=True)
+        grads = torch.autograd.grad(loss_fn(ys), [y, *func.parameters()])
+        results.append((stats.device_path, stats.recomputed_rhs, ys, grads))
+    (path_a, rec_a, ys_a, g_a), (path_b, rec_b, ys_b, g_b) = results
+    assert (path_a, path_b) == ("host cast", "host staging")
+    assert rec_a == rec_b
+    if memory == "graphs" and method != "beuler":  # beuler builds Jacobian graphs in the forward
+        assert rec_b == 0
+    assert torch.equal(ys_a, ys_b)
+    for a, b in zip(g_a, g_b):
+        assert torch.equal(a, b)
 
 
 @cuda
