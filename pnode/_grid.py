@@ -236,6 +236,10 @@ class GridSolver(Solver):
         self.grid.da.localToGlobal(self.gloc, self.gwork, addv=PETSc.InsertMode.ADD_VALUES)
         return self.gwork_view
 
+    def _store_gradient(self, gy, y):
+        # gy covers the ghosted patch: its ghost parts belong to other points' owners
+        self._finish(self._gradient(gy), None, y, None, None)
+
     def _state_tensor_input(self, y):
         self.gwork_view.copy_(y)
         self.gwork.stateIncrease()
