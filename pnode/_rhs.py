@@ -14,8 +14,9 @@ graph is found again by step, part and stage vector, and accepted only if the
 input f saw then equals exactly what f would see at PETSc's state now. Without
 a tape (``memory="states"``) PETSc's trajectory stores the stage states and each
 VJP re-evaluates ``f`` with grad at that state (the last such graph is reused
-while PETSc stays at one point, as in a transposed Krylov solve). Either way the VJP is taken at exactly the state
-PETSc hands over, so both modes give the same gradient.
+while PETSc stays at one point, as in a transposed Krylov solve). Either way the
+VJP is taken at exactly the state PETSc hands over, so both modes give the same
+gradient.
 """
 
 import torch
