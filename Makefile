@@ -5,8 +5,10 @@
 #   make demo                   run examples/spiral.py
 #   make test [PYTEST_ARGS=...] run the test suite, e.g. PYTEST_ARGS='-k adjoint -x'
 #             [TESTS=...]       (default: tests), e.g. TESTS=tests/test_dockerfiles.py
+#   make test-single            tests/test_single_precision.py in .venv-single, a venv with
+#                               PETSc built in single precision (another ~12 min the first time)
 #   make bench [BENCH_ARGS=...] run scripts/bench_gradients.py
-#   make clean                  remove .venv (the pip wheel cache keeps the PETSc build)
+#   make clean                  remove the venvs (the pip wheel cache keeps the PETSc builds)
 
 ROOT := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
 PNODE_VENV ?= $(ROOT)/.venv
@@ -24,7 +26,7 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export OMPI_MCA_rmaps_base_oversubscribe := 1
 export PNODE_VENV
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-single bench clean
 
 setup:
 	bash "$(ROOT)/scripts/setup.sh"
@@ -35,8 +37,14 @@ demo: setup
 test: setup
 	cd "$(ROOT)" && "$(PY)" -m pytest -q -ra --durations=15 $(TESTS) $(PYTEST_ARGS)
 
+SINGLE_VENV ?= $(ROOT)/.venv-single
+
+test-single:
+	PNODE_VENV="$(SINGLE_VENV)" PNODE_PETSC_PRECISION=single bash "$(ROOT)/scripts/setup.sh"
+	cd "$(ROOT)" && "$(SINGLE_VENV)/bin/python" -m pytest -q -ra tests/test_single_precision.py $(PYTEST_ARGS)
+
 bench: setup
 	cd "$(ROOT)" && "$(PY)" scripts/bench_gradients.py $(BENCH_ARGS)
 
 clean:
-	rm -rf "$(PNODE_VENV)" "$(ROOT)/build" "$(ROOT)"/*.egg-info "$(ROOT)/.pytest_cache"
+	rm -rf "$(PNODE_VENV)" "$(SINGLE_VENV)" "$(ROOT)/build" "$(ROOT)"/*.egg-info "$(ROOT)/.pytest_cache"

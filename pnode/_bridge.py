@@ -14,6 +14,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._checkpoint import Checkpointer
+from ._petsc import DTYPE as PETSC_DTYPE
 from ._rhs import RHS, Tape
 
 
@@ -30,7 +31,9 @@ class Run:
         self.dtype = y0.dtype
         self.device = y0.device
         self.sign = 1.0 if times[-1] > times[0] else -1.0
-        self.times = [self.sign * s for s in times]   # increasing, PETSc's time variable
+        # Increasing, and in PETSc's precision: a single-precision PETSc lands on f32(t_i),
+        # and steps aimed at the float64 value would end 1 ulp short of it.
+        self.times = torch.tensor([self.sign * s for s in times], dtype=PETSC_DTYPE).tolist()
         self.config = config
         self.stats = stats
         self.y0 = None
@@ -41,7 +44,7 @@ class Run:
 
     def forward(self, y0, need_grad):
         """Integrate; with need_grad, keep what the backward needs."""
-        self.y0 = self.layout.to_flat(y0.detach()).to(dtype=torch.float64, device="cpu")
+        self.y0 = self.layout.to_flat(y0.detach()).to(dtype=PETSC_DTYPE, device="cpu")
         checkpointed = need_grad and self.config.checkpoints is not None
         self.tape = Tape() if need_grad and self.config.memory == "graphs" and not checkpointed else None
         self.stats.method = self.config.method.name
@@ -82,7 +85,7 @@ class Run:
         return grad_y0, grad_p
 
     def backward(self, grad_ys):
-        g = self.layout.to_flat(grad_ys.detach(), lead=1).to(dtype=torch.float64, device="cpu")
+        g = self.layout.to_flat(grad_ys.detach(), lead=1).to(dtype=PETSC_DTYPE, device="cpu")
         if self.config.checkpoints is not None:
             return self._unflatten(*self._checkpointed_backward(g))
         solver = self.solver

@@ -74,7 +74,7 @@ class Checkpointer:
         self.state_bytes = state_bytes
         self.lam = grad_ys[-1].clone()
         self.grad_ys = grad_ys
-        self.mu = torch.zeros(n_params, dtype=torch.float64)
+        self.mu = torch.zeros(n_params, dtype=y0.dtype)  # PETSc's
         self.live = 1
         stats.checkpoints = 1
         self._reverse(0, len(self.sizes), y0, self.budget)

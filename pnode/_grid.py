@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ._coloring import Coloring
-from ._petsc import PETSc, petsc_message
+from ._petsc import DTYPE as PETSC_DTYPE, PETSc, petsc_message
 from ._solver import Solver
 
 _BOUNDARIES = {"periodic": PETSc.DMDA.BoundaryType.PERIODIC,
@@ -142,8 +142,8 @@ class Grid:
         if tuple(y0.shape) != self.owned_shape:
             raise ValueError(f"with grid=..., y0 is this rank's block of shape grid.owned_shape = "
                              f"{self.owned_shape}, got {tuple(y0.shape)}: pass grid.local(field)")
-        if y0.dtype != torch.float64 or y0.device.type != "cpu":
-            raise ValueError(f"with grid=..., y0 must be a float64 CPU tensor (PETSc's own memory), got "
+        if y0.dtype != PETSC_DTYPE or y0.device.type != "cpu":
+            raise ValueError(f"with grid=..., y0 must be a {PETSC_DTYPE} CPU tensor (PETSc's own memory), got "
                              f"{y0.dtype} on {y0.device}; cast inside func if the model differs")
         if len(set(self.comm.tompi4py().allgather(tuple(times)))) != 1:
             raise ValueError("t differs between ranks: every rank must pass the same output times")

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._methods import Method, get_method
-from ._petsc import PETSc, petsc_message
+from ._petsc import DTYPE as PETSC_DTYPE, EPS as PETSC_EPS, PETSc, petsc_message
 
 MEMORY_MODES = ("graphs", "states")
 JACOBIANS = ("blockdiag", "dense", "matrix-free", "colored")
@@ -64,7 +64,7 @@ class Config:
         """The configuration with the Jacobian choice and the model's precision resolved for this state."""
         if self.method.kind == "explicit":
             return self
-        cfg = replace(self, eps=torch.finfo(y0.dtype).eps)
+        cfg = replace(self, eps=max(torch.finfo(y0.dtype).eps, PETSC_EPS))
         return cfg._with_jacobian(y0, grid)
 
     def _with_jacobian(self, y0, grid):
@@ -274,6 +274,10 @@ def check_y0(y0):
                          "create y0 on the CPU or a GPU (the device of func's parameters)")
     if not bool(torch.isfinite(y0).all()):
         raise ValueError("y0 contains NaN or Inf")
+    if torch.finfo(y0.dtype).eps < PETSC_EPS:
+        warnings.warn(f"y0 is {y0.dtype} but PETSc is built in single precision: the state is integrated "
+                      "in float32, so results and gradients are only float32-accurate; use the default "
+                      "double-precision PETSc for a float64 model", stacklevel=4)
 
 
 def check_devices(y0, params):

@@ -44,6 +44,7 @@ if "petsc4py.PETSc" not in sys.modules:  # a user who called petsc4py.init(args)
     petsc4py.init([])
 from petsc4py import PETSc  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 PETSC_VERSION = PETSc.Sys.getVersion()
 if PETSC_VERSION < MIN_VERSION:
@@ -55,6 +56,14 @@ if PETSC_VERSION < MIN_VERSION:
 if np.dtype(PETSc.ScalarType).kind == "c":
     raise ImportError("pnode needs a real-valued PETSc build (PetscScalar is complex here); "
                       f"{INSTALL_HINT}")
+if np.dtype(PETSc.ScalarType) not in (np.float64, np.float32):
+    raise ImportError(f"pnode needs a double- or single-precision PETSc build, PetscScalar is "
+                      f"{np.dtype(PETSc.ScalarType)} here; {INSTALL_HINT}")
+
+# PETSc's precision (--with-precision=double, the default, or single): Vecs are DLPack
+# views of this dtype, and states, adjoints and step times are computed in it.
+DTYPE = torch.float64 if np.dtype(PETSc.ScalarType) == np.float64 else torch.float32
+EPS = torch.finfo(DTYPE).eps
 
 
 def petsc_message(error):

@@ -291,7 +291,7 @@ class Solver:
         self._outputs, self._next_output = times, 0
         self._prepare_trajectory(owner is not None)
         self.trajectory_owner = owner
-        self._step_times = [times[0]]
+        self._step_times = [ts.getTime()]
         self.step_sizes = []
         self._run(ts.solve, self.u, phase="forward")
         reason = ts.getConvergedReason()

@@ -118,8 +118,8 @@ class Counted(nn.Module):
 def pnode_other_bytes(stats, n, itemsize, subtype):
     """Buffers pnode holds for the backward outside autograd's saved tensors."""
     stages = RK_TABLEAUS[subtype].stages
-    # PETSc's memory trajectory keeps, per step, the solution and every stage vector (doubles).
-    petsc = stats.steps * (stages + 1) * n * 8
+    # PETSc's memory trajectory keeps, per step, the solution and every stage vector.
+    petsc = stats.steps * (stages + 1) * n * torch.finfo(pnode.petsc_dtype).bits // 8
     # With memory="graphs" the tape keeps each stage's output; its input (f's own
     # copy, in the model's dtype on the host) is already among autograd's saved tensors.
     tape = stats.rhs_evals * n * itemsize if stats.memory == "graphs" else 0
@@ -585,7 +585,9 @@ def main(argv=None):
 
     started = time.perf_counter()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    header = [f"pnode {pnode.__version__}, torch {torch.__version__}, torchdiffeq {torchdiffeq.__version__}; "
+    precision = "double" if pnode.petsc_dtype == torch.float64 else "single"
+    header = [f"pnode {pnode.__version__} on a {precision}-precision PETSc, torch {torch.__version__}, "
+              f"torchdiffeq {torchdiffeq.__version__}; "
               f"{os.cpu_count()} cores, load average {load}; torch threads {torch.get_num_threads()}, "
               f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}; median of {reps} interleaved runs, "
               f"outputs at t = {', '.join(map(str, T_OUT))}, loss = sum_t (y(t)**2).sum()", ""]

@@ -16,6 +16,8 @@
 #   PETSC_DIR [PETSC_ARCH]   use your own PETSc build: the `petsc` PyPI package is
 #                            skipped and petsc4py is built against it
 #   PETSC_CONFIGURE_OPTIONS  PETSc configure options (default: DEFAULT_PETSC_CONFIGURE_OPTIONS below)
+#   PNODE_PETSC_PRECISION    double (default) or single: single adds --with-precision=single
+#                            to the configure options (float32 models then need no casts)
 #   PNODE_PETSC4PY_SPEC      petsc4py requirement (default: petsc4py==3.26.1, or
 #                            the release matching $PETSC_DIR when that is set)
 #   PNODE_TORCH_SPEC         torch requirement (default: torch==2.13.0)
@@ -58,6 +60,11 @@ LOGS="$VENV/pnode-logs"
 
 # ---------------------------------------------------------------- configuration
 PETSC_OPTS="${PETSC_CONFIGURE_OPTIONS:-$DEFAULT_PETSC_CONFIGURE_OPTIONS}"
+case "${PNODE_PETSC_PRECISION:-double}" in
+  double) ;;
+  single) PETSC_OPTS="$PETSC_OPTS --with-precision=single" ;;
+  *) die "PNODE_PETSC_PRECISION must be 'double' or 'single', got '$PNODE_PETSC_PRECISION'" ;;
+esac
 TORCH_SPEC="${PNODE_TORCH_SPEC:-torch==2.13.0}"
 TORCH_INDEX="${PNODE_TORCH_INDEX_URL:-}"
 if [[ -n "${PETSC_DIR:-}" ]]; then
