@@ -38,9 +38,9 @@ class Run:
         self.stats = stats
         self.y0 = None
 
-    def _rhs(self, tape):
+    def _rhs(self, tape, in_backward=True):
         return RHS(self.parts, self.params, self.layout, self.dtype, self.device, self.sign, self.stats, tape,
-                   self.solver.staging(self.dtype, self.device))
+                   self.solver.staging(self.dtype, self.device), in_backward)
 
     def forward(self, y0, need_grad):
         """Integrate; with need_grad, keep what the backward needs."""
@@ -51,8 +51,9 @@ class Run:
         self.stats.memory = self.config.memory
         self.stats.rhs_evals = 0
         self.stats.jacobians = 0
+        self.stats.linearisations = 0
         self.stats.reset_backward()
-        rhs = self._rhs(self.tape)
+        rhs = self._rhs(self.tape, in_backward=False)
         try:
             # With a checkpoint budget the forward keeps no trajectory, only y0 and the steps.
             owner = self if need_grad and not checkpointed else None

@@ -74,25 +74,30 @@ class Tape:
 
     def record(self, step, part, handle, time, seen, y_in, out):
         entries = self.steps.setdefault(step, [])
-        for i, e in enumerate(entries):
-            # A Newton iterate, or a rejected step attempt, is superseded by the next
-            # evaluation on the same vector at the same stage time.
-            if e.handle == handle and e.part == part and e.time == time:
-                entries[i] = _Entry(part, handle, time, seen, y_in, out)
-                return
-        entries.append(_Entry(part, handle, time, seen, y_in, out))
+        entry = _Entry(part, handle, time, seen, y_in, out)
+        last = entries[-1] if entries else None
+        if last is not None and last.handle == handle and last.part == part and last.time == time:
+            # The previous Newton (or line-search) iterate of this stage solve: only the
+            # last one can be the stage value. Only the immediately preceding entry: two
+            # stages with equal c (ARKIMEX ars443 and 1bee have such pairs) solve on the same
+            # work vector at the same time, and the first one's value must survive the second.
+            entries[-1] = entry
+        else:
+            entries.append(entry)
 
     def lookup(self, step, part, handle, time, y):
-        """The entry whose ``seen`` equals ``y`` (same kind of tensor), else None."""
-        entries = self.steps.get(step, ())
+        """The entry of this part, at this stage time, whose ``seen`` equals ``y``, else None.
+
+        The time is checked too: f(t, y) depends on t, and an entry of a rejected step
+        attempt can hold the same state at another time.
+        """
         # The common case first: the stage vector the forward evaluated on, at this step.
-        for e in entries:
-            if e.handle == handle and e.part == part and torch.equal(e.seen, y):
+        for e in self.steps.get(step, ()):
+            if e.handle == handle and e.part == part and _close_times(e.time, time) and torch.equal(e.seen, y):
                 return e
         for s in (step, step - 1):
             for e in self.steps.get(s, ()):
-                if e.part == part and (e.handle == handle or _close_times(e.time, time)) \
-                        and torch.equal(e.seen, y):
+                if e.part == part and _close_times(e.time, time) and torch.equal(e.seen, y):
                     return e
         # First-same-as-last RK tableaus (dopri5, bosh3, ...) never evaluate stage 0:
         # the forward reused f at the previous step's last stage, whose state equals
@@ -137,7 +142,8 @@ class FlatLayout:
 class RHS:
     """One call's view of the user's functions: parameters, shapes, dtypes, counters."""
 
-    def __init__(self, parts, params, layout, dtype, device, sign, stats, tape=None, staging=None):
+    def __init__(self, parts, params, layout, dtype, device, sign, stats, tape=None, staging=None,
+                 in_backward=False):
         self.parts = parts            # {"explicit": f} and/or {"implicit": f}
         self.params = params          # tensors that need a gradient
         self.layout = layout
@@ -148,6 +154,7 @@ class RHS:
         self.stats = stats
         self.tape = tape
         self.staging = staging        # pnode._staging.Staging unless f runs on PETSc's memory as is
+        self.in_backward = in_backward  # where a graph built at a point is counted (stats)
         self._graph = None            # ((part, point key), [y_in, out, u, g]) at PETSc's last point
         self._output_views = {}       # id(flat) -> (flat, layout.output(flat)), see output_view
 
@@ -260,7 +267,10 @@ class RHS:
         key = (part, point.key)
         if self._graph is not None and self._graph[0] == key:
             return self._graph[1]
-        self.stats.recomputed_rhs += 1
+        if self.in_backward:
+            self.stats.recomputed_rhs += 1
+        else:
+            self.stats.linearisations += 1
         y_in = self._model_input(y_flat, copy=True).requires_grad_()
         with torch.enable_grad():
             out = self._call(part, point.time, y_in)

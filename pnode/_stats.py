@@ -11,6 +11,11 @@ class Stats:
     ``step_times`` holds the accepted step boundaries t_0 < ... < t_N of the
     forward solve in the user's time variable (so a reference implementation
     can replay exactly the steps pnode took).
+
+    ``rhs_evals`` counts the forward's evaluations of f; ``linearisations`` the
+    forward's evaluations of f with grad at Newton points (implicit methods), for
+    Jacobian products and preconditioners; ``recomputed_rhs`` every evaluation of
+    f in the backward (none for explicit methods with ``memory="graphs"``).
     """
 
     method: str = ""
@@ -20,6 +25,7 @@ class Stats:
     rejected_steps: int = 0
     rhs_evals: int = 0
     jacobians: int = 0
+    linearisations: int = 0
     newton_iterations: int = 0
     krylov_iterations: int = 0
     vjps: int = 0
@@ -42,7 +48,9 @@ class Stats:
 
     def __str__(self):
         return (f"{self.method}: {self.steps} steps ({self.rejected_steps} rejected), "
-                f"{self.rhs_evals} f evals, {self.vjps} VJPs, "
+                f"{self.rhs_evals} f evals, "
+                + (f"{self.linearisations} linearisations, " if self.linearisations else "")
+                + f"{self.vjps} VJPs, "
                 f"{self.recomputed_rhs} f recomputed, "
                 f"forward {self.forward_seconds * 1e3:.1f} ms, "
                 f"backward {self.backward_seconds * 1e3:.1f} ms")
