@@ -258,34 +258,33 @@ class RHS:
 
     # -- derivatives ----------------------------------------------------------------
     def _point_graph(self, part, point, y_flat):
-        """[y_in, out, u, g]: f's autograd graph at PETSc's point, built once per point.
+        """[y_in, out, u, g]: f's autograd graph at PETSc's point, made once per point.
 
-        Newton iterations, transposed Krylov solves and block extraction all ask
-        for many products at one point; they share this graph. ``u`` and ``g`` are
-        the double-VJP linearisation, made on the first JVP.
+        From the tape when the forward kept an evaluation at exactly this state:
+        every stage of the backward, and in the forward every Newton Jacobian, which
+        PETSc asks for at an iterate whose residual it has just evaluated. Else f
+        is evaluated with grad here. Newton iterations, transposed Krylov solves
+        and block extraction ask for many products at one point and share this
+        graph; ``u`` and ``g`` are the double-VJP linearisation, made on the first JVP.
         """
         key = (part, point.key)
         if self._graph is not None and self._graph[0] == key:
             return self._graph[1]
-        if self.in_backward:
-            self.stats.recomputed_rhs += 1
-        else:
-            self.stats.linearisations += 1
-        y_in = self._model_input(y_flat, copy=True).requires_grad_()
-        with torch.enable_grad():
-            out = self._call(part, point.time, y_in)
-        graph = [y_in, out, None, None]
-        self._graph = (key, graph)
-        return graph
-
-    def _graph_at(self, part, point, y_flat):
-        """(y_in, out) at PETSc's point: from the tape when the forward kept it."""
         entry = self.tape.lookup(point.step, part, point.vec.getId(), point.time, self._probe(y_flat)) \
             if self.tape is not None else None
         if entry is not None:
-            return entry.y_in, entry.out
-        graph = self._point_graph(part, point, y_flat)
-        return graph[0], graph[1]
+            graph = [entry.y_in, entry.out, None, None]
+        else:
+            if self.in_backward:
+                self.stats.recomputed_rhs += 1
+            else:
+                self.stats.linearisations += 1
+            y_in = self._model_input(y_flat, copy=True).requires_grad_()
+            with torch.enable_grad():
+                out = self._call(part, point.time, y_in)
+            graph = [y_in, out, None, None]
+        self._graph = (key, graph)
+        return graph
 
     def vjp(self, part, point, y_flat, w_flat, want_params):
         """Return (w^T df/dy, [w^T df/dp_k]) at PETSc's point, in PETSc's time variable.
@@ -295,7 +294,7 @@ class RHS:
         and it dies with the tape or when PETSc moves to another point.
         """
         self.stats.vjps += 1
-        y_in, out = self._graph_at(part, point, y_flat)
+        y_in, out = self._point_graph(part, point, y_flat)[:2]
         w = self._model_output(w_flat)
         if self.sign < 0:
             w = -w
