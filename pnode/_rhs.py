@@ -9,9 +9,10 @@ vector-Jacobian products (VJPs) for the adjoint, Jacobian-vector products
 (JVPs) for Newton-Krylov, and Jacobian blocks for preconditioners.
 
 Memory modes. With a :class:`Tape` (``memory="graphs"``) every evaluation of
-the forward solve keeps its autograd graph, so the backward runs VJPs only; a
-graph is found again by step, part and stage vector, and accepted only if the
-input f saw then equals exactly what f would see at PETSc's state now. Without
+the forward solve keeps its autograd graph, so the backward runs VJPs only (and
+Newton's Jacobians in the forward reuse the residual's graph); a graph is found
+again by step, part, stage time and stage vector, and accepted only if the input
+f saw then equals exactly what f would see at PETSc's state now. Without
 a tape (``memory="states"``) PETSc's trajectory stores the stage states and each
 VJP re-evaluates ``f`` with grad at that state (the last such graph is reused
 while PETSc stays at one point, as in a transposed Krylov solve). Either way the
