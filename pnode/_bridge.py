@@ -31,14 +31,14 @@ class Run:
         self.dtype = y0.dtype
         self.device = y0.device
         self.sign = 1.0 if times[-1] > times[0] else -1.0
-        # Increasing, and in PETSc's precision: a single-precision PETSc lands on f32(t_i),
-        # and steps aimed at the float64 value would end 1 ulp short of it.
+        # Increasing, and in PETSc's precision: a single-precision PETSc lands on f32(t_i), and
+        # a float64 t_i just past it would ask for a last step below float32's resolution.
         self.times = torch.tensor([self.sign * s for s in times], dtype=PETSC_DTYPE).tolist()
         self.config = config
         self.stats = stats
         self.y0 = None
 
-    def _rhs(self, tape, in_backward=True):
+    def _rhs(self, tape, in_backward):
         return RHS(self.parts, self.params, self.layout, self.dtype, self.device, self.sign, self.stats, tape,
                    self.solver.staging(self.dtype, self.device), in_backward)
 
@@ -74,7 +74,7 @@ class Run:
         memory_graphs = self.config.memory == "graphs"
 
         def make_rhs(for_tape):
-            return self._rhs(Tape() if for_tape and memory_graphs else None)
+            return self._rhs(Tape() if for_tape and memory_graphs else None, in_backward=True)
         times, sizes, outputs = self.recorded
         cp = Checkpointer(advance, tape, make_rhs, self.config.checkpoints, times, sizes, outputs,
                           self.stats)
@@ -95,12 +95,12 @@ class Run:
             # (retain_graph): recompute the forward so the adjoint sees this run's steps.
             rhs_evals = self.stats.rhs_evals
             self.tape = Tape() if self.config.memory == "graphs" else None
-            solver.forward(self._rhs(self.tape), self.y0, self.times, owner=self)
+            solver.forward(self._rhs(self.tape, in_backward=True), self.y0, self.times, owner=self)
             self.stats.recomputed_steps += self.stats.steps
             self.stats.recomputed_rhs += self.stats.rhs_evals - rhs_evals
             self.stats.rhs_evals = rhs_evals
         try:
-            grad_y0, grad_p = solver.backward(self._rhs(self.tape), g)
+            grad_y0, grad_p = solver.backward(self._rhs(self.tape, in_backward=True), g)
         finally:
             solver.rhs = None
             self.tape = None

@@ -53,16 +53,17 @@ if PETSC_VERSION < MIN_VERSION:
         f"{'.'.join(map(str, PETSC_VERSION))}: PETSc before 3.21.4 computes wrong parameter "
         f"gradients for Runge-Kutta stages with b_i = 0 (dopri5, midpoint). {INSTALL_HINT}")
 
-if np.dtype(PETSc.ScalarType).kind == "c":
+_scalar = np.dtype(PETSc.ScalarType)
+if _scalar.kind == "c":
     raise ImportError("pnode needs a real-valued PETSc build (PetscScalar is complex here); "
                       f"{INSTALL_HINT}")
-if np.dtype(PETSc.ScalarType) not in (np.float64, np.float32):
+if _scalar not in (np.float64, np.float32):
     raise ImportError(f"pnode needs a double- or single-precision PETSc build, PetscScalar is "
-                      f"{np.dtype(PETSc.ScalarType)} here; {INSTALL_HINT}")
+                      f"{_scalar} here; {INSTALL_HINT}")
 
 # PETSc's precision (--with-precision=double, the default, or single): Vecs are DLPack
 # views of this dtype, and states, adjoints and step times are computed in it.
-DTYPE = torch.float64 if np.dtype(PETSc.ScalarType) == np.float64 else torch.float32
+DTYPE = torch.float64 if _scalar == np.float64 else torch.float32
 EPS = torch.finfo(DTYPE).eps
 
 
