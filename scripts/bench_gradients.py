@@ -43,15 +43,17 @@ counted although they may be freed early (an upper bound; few steps are rejected
 Then the bridge's own overhead on a tiny right-hand side (2-D state, hidden 16,
 rk4, 4000 steps): microseconds per f call and per VJP beyond bare torch calls.
 
+With --profile, where the rk4 batch-256 time goes for pnode and torchdiffeq's
+backprop (f, VJPs, PETSc, glue; sampled by py-spy, see scripts/_profile_split.py),
+and what differentiating stage by stage costs in the autograd engine alone.
+
 Usage: python scripts/bench_gradients.py [--quick] [--reps N] [--profile] [--out FILE]
 """
 
 import argparse
 import copy
-import cProfile
 import gc
 import os
-import pstats
 import statistics
 import sys
 import time
@@ -76,7 +78,8 @@ import pnode  # noqa: E402
 from pnode._rhs import _vjp  # noqa: E402
 from tests.reference.rk import explicit_rk  # noqa: E402
 from tests.reference.tableaus import RK_TABLEAUS  # noqa: E402
-from _bench_common import SavedBytes, rel_err  # noqa: E402  (scripts/ is on sys.path)
+import _profile_split  # noqa: E402  (scripts/ is on sys.path)
+from _bench_common import SavedBytes, rel_err  # noqa: E402
 
 T_OUT = (0.0, 0.5, 1.0)
 METHOD_SETTINGS = {
@@ -155,14 +158,22 @@ def make_contenders(func, method):
     return out
 
 
+def _forward(c, y0, t):
+    return c.solve(y0, t).pow(2).sum()
+
+
+def _backward(loss):  # a frame of its own, like _forward: the profile's phases
+    loss.backward()
+
+
 def fwd_bwd(c, func, y0, t):
     """One forward+backward; returns (forward seconds, backward seconds)."""
     func.zero_grad(set_to_none=True)
     y0 = y0.detach().requires_grad_()
     start = time.perf_counter()
-    loss = c.solve(y0, t).pow(2).sum()
+    loss = _forward(c, y0, t)
     middle = time.perf_counter()
-    loss.backward()
+    _backward(loss)
     return middle - start, time.perf_counter() - middle
 
 
@@ -462,50 +473,47 @@ def petsc_floor(reps, steps):
 
 
 # -- where pnode's time goes ----------------------------------------------------------------
-def profile_split(reps=3):
-    """cProfile split of pnode graphs fwd+bwd: f, VJP, PETSc (C, callbacks excluded), glue."""
+PROFILED = ("pnode graphs", "tdq odeint")
+
+
+def profile_worker(spec, reps):
+    """``--profile-worker DTYPE:CONTENDER``: rk4 at batch 256, timed, then profiled on cue.
+
+    Prints the unprofiled median seconds per forward+backward, waits for a line on
+    stdin (py-spy attaching, see scripts/_profile_split.py), then repeats the calls.
+    """
+    dtype_name, name = spec.split(":", 1)
+    dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
-    func = Counted(MLP([32, 128, 128, 32])).double()
-    y0 = torch.randn(256, 32, dtype=torch.float64)
-    t = torch.tensor(T_OUT, dtype=torch.float64)
-    c = make_contenders(func, "rk4")[0]
+    func = Counted(MLP([32, 128, 128, 32])).to(dtype)
+    y0 = torch.randn(256, 32, dtype=dtype)
+    t = torch.tensor(T_OUT, dtype=dtype)
+    c = {c.name: c for c in make_contenders(func, "rk4")}[name]
     fwd_bwd(c, func, y0, t)
-    prof = cProfile.Profile()
-    start = time.perf_counter()
-    prof.enable()
-    for _ in range(reps):
+    print(statistics.median(sum(fwd_bwd(c, func, y0, t)) for _ in range(reps)), flush=True)
+    sys.stdin.readline()
+    for _ in range(4 * reps):
         fwd_bwd(c, func, y0, t)
-    prof.disable()
-    total = time.perf_counter() - start
-    st = pstats.Stats(prof).stats   # (file, line, name) -> (cc, nc, tt, ct, callers)
 
-    def find(pred):
-        return [k for k in st if pred(k)]
 
-    code = Counted.forward.__code__
-    f_keys = find(lambda k: (k[0], k[1], k[2]) == (code.co_filename, code.co_firstlineno, code.co_name))
-    # pnode takes every VJP through one function, pnode._rhs._vjp (the autograd engine call)
-    vjp_keys = find(lambda k: k[2] == "_vjp" and k[0].endswith(os.path.join("pnode", "_rhs.py")))
-    # pnode's Python function that calls ts.solve / ts.adjointSolve: petsc4py's C methods do
-    # not appear in the profile, so their time is that function's own time and the
-    # PETSc callbacks appear as its callees.
-    entry_keys = find(lambda k: k[2] == "_run" and k[0].endswith(os.path.join("pnode", "_solver.py")))
-    lines = [f"Profile (cProfile, {reps} runs) of pnode memory='graphs' fwd+bwd, rk4, MLP 32-128-128-32, "
-             f"float64, batch 256; cProfile inflates the Python share (glue)."]
-    if not entry_keys or not f_keys:
-        return lines + ["- split unavailable: pnode's solver internals changed (no _solver._run)"]
-    f_time = sum(st[k][3] for k in f_keys)
-    vjp_time = sum(st[k][3] for k in vjp_keys)
-    petsc = 0.0
-    for e in entry_keys:
-        callees = sum(v[4][e][3] for k, v in st.items() if e in v[4])
-        petsc += st[e][3] - callees
-    glue = total - f_time - vjp_time - petsc
-    for name, v in (("f (user module)", f_time), ("VJP (autograd engine)", vjp_time),
-                    ("PETSc (inside ts.solve/adjointSolve, callbacks excluded)", petsc),
-                    ("glue (pnode Python, conversions, autograd.Function, rest)", glue)):
-        lines.append(f"- {name}: {1e3 * v / reps:.1f} ms per fwd+bwd ({100 * v / total:.0f}%)")
-    lines.append(f"- total under the profiler: {1e3 * total / reps:.1f} ms per fwd+bwd")
+def profile_split(reps, dtypes):
+    """py-spy split of pnode graphs and torchdiffeq odeint, rk4, batch 256 (scripts/_profile_split.py)."""
+    lines = ["Profile (py-spy, sampling 250 Hz; rk4, 40 steps, MLP 32-128-128-32, batch 256, one thread): "
+             "where each contender's forward and backward time goes. f = the user's module, VJPs = "
+             "pnode's autograd-engine call per stage, PETSc = C code inside ts.solve/adjointSolve "
+             "(no callback running), torch autograd = the engine call of loss.backward() "
+             "(torchdiffeq's whole chained backward), torchdiffeq = its Runge-Kutta arithmetic, "
+             "glue = the rest (pnode's callbacks, casts, copies, checks)."]
+    for dtype in dtypes:
+        for name in PROFILED:
+            label = f"{name}, {str(dtype)[6:]}"
+            argv = [sys.executable, os.path.abspath(__file__), "--profile-worker",
+                    f"{str(dtype)[6:]}:{name}", "--reps", str(reps)]
+            try:
+                seconds, counts = _profile_split.profile(argv)
+            except RuntimeError as exc:
+                return lines + [f"- split unavailable: {exc}"]
+            lines += _profile_split.report(label, seconds, counts)
     return lines
 
 
@@ -573,15 +581,19 @@ def main(argv=None):
     p.add_argument("--dtypes", default="float64,float32")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 16,256)")
     p.add_argument("--methods", default="rk4,dopri5")
-    p.add_argument("--profile", action="store_true", help="also split pnode's time with cProfile")
+    p.add_argument("--profile", action="store_true",
+                   help="also split pnode's and torchdiffeq's rk4 time with py-spy (needs py-spy)")
+    p.add_argument("--profile-worker", metavar="DTYPE:CONTENDER", help=argparse.SUPPRESS)
     p.add_argument("--no-overhead", action="store_true", help="skip the tiny right-hand-side section")
     p.add_argument("--out", default=os.path.join("outputs", "bench_gradients.md"))
     args = p.parse_args(argv)
     reps = args.reps or (3 if args.quick else 7)
+    torch.set_num_threads(1)   # the targets are per thread; and the machine is shared
+    if args.profile_worker:
+        return profile_worker(args.profile_worker, reps)
     batches = [int(b) for b in (args.batches or ("256" if args.quick else "16,256")).split(",")]
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     methods = args.methods.split(",")
-    torch.set_num_threads(1)   # the targets are per thread; and the machine is shared
 
     started = time.perf_counter()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -616,7 +628,7 @@ def main(argv=None):
         print("\n".join(lines), flush=True)
         out += lines + [""]
     if args.profile:
-        lines = profile_split() + [""] + engine_split(reps) + engine_split(reps, torch.float32)
+        lines = profile_split(reps, dtypes) + [""] + engine_split(reps) + engine_split(reps, torch.float32)
         print("\n".join([""] + lines), flush=True)
         out += lines + [""]
     print(f"\n(total {time.perf_counter() - started:.0f} s)")

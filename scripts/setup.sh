@@ -32,7 +32,7 @@ set -euo pipefail
 PETSC_VERSION=3.26.1
 DEFAULT_PETSC_CONFIGURE_OPTIONS='--with-fc=0 --with-blaslapack-lib=-lopenblas --with-cuda=0 --with-x=0 COPTFLAGS=-O2 CXXOPTFLAGS=-O2'
 APT_PACKAGES=(libopenmpi-dev openmpi-bin libopenblas-dev pkg-config)
-PY_DEPS=(numpy mpi4py pytest tqdm matplotlib scikit-learn torchdiffeq)
+PY_DEPS=(numpy mpi4py pytest tqdm matplotlib scikit-learn torchdiffeq py-spy)
 
 say() { printf 'pnode setup: %s\n' "$*"; }
 die() { printf 'pnode setup: ERROR: %s\n' "$*" >&2; exit 1; }
