@@ -108,7 +108,7 @@ def profile(worker_argv, rate=250):
             worker.stdin.flush()
             worker.wait()
             if spy.wait() != 0 or not os.path.exists(raw):
-                raise RuntimeError(f"py-spy failed (it needs ptrace permission on the worker): {_read(log).strip()}")
+                raise RuntimeError(f"py-spy failed (it needs permission to ptrace the worker): {_read(log).strip()}")
             with open(raw) as fh:
                 return seconds, tally(fh)
     finally:

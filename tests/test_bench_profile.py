@@ -72,8 +72,9 @@ def test_profile_of_a_real_run():
     try:
         seconds, counts = ps.profile(argv)
     except RuntimeError as exc:
-        if "ptrace" in str(exc):
-            pytest.skip(f"py-spy cannot attach here: {exc}")
+        # A container without CAP_SYS_PTRACE; any other py-spy failure is a failure.
+        if "permission denied" in str(exc).lower() or "operation not permitted" in str(exc).lower():
+            pytest.skip(f"py-spy may not attach to processes here: {exc}")
         raise
     total = sum(counts.values())
     share = {key: n / total for key, n in counts.items()}
