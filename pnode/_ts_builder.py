@@ -81,6 +81,10 @@ def _no_point(ts, t, u, J, P):
     """The zero explicit Jacobian does not depend on the point."""
 
 
+def _zero_function(ts, t, u, F):
+    F.zeroEntries()
+
+
 def _python_mat(rows, cols, context, comm):
     mat = PETSc.Mat().createPython([rows, cols], context=context, comm=comm)
     mat.setUp()
@@ -138,6 +142,13 @@ def build_ts(solver, config, parts, u, mu):
         if mu is not None:
             ts.setIJacobianP(solver.ijacobian_p, _param_jacobian(solver, "implicit", sizes, mu))
         if method.ts_type == "arkimex" and "explicit" not in parts:
+            # An explicit part that is zero, stated: with no RHSFunction PETSc (3.26)
+            # takes its fully implicit path, which finds the first stage's slope of an
+            # explicit-first-stage tableau by solving F(t, y_n, ydot) = 0 at its last
+            # *stage* time instead of t_n (0 on a fresh TS, the previous solve's end
+            # after that): silently wrong for an f that depends on t. In IMEX form the
+            # first stage is f(t_n, y_n), and the adjoint differentiates exactly that.
+            ts.setRHSFunction(_zero_function, u.duplicate())
             Z = _python_mat(sizes, sizes, ZeroJacobian(), comm)
             ts.setRHSJacobian(_no_point, Z, Z)
         options.update(_tolerances(config.eps))
