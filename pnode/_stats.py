@@ -15,7 +15,9 @@ class Stats:
     ``rhs_evals`` counts the forward's evaluations of f; ``linearisations`` the
     forward's evaluations of f with grad at Newton points (implicit methods), for
     Jacobian products and preconditioners; ``recomputed_rhs`` every evaluation of
-    f in the backward (none for explicit methods with ``memory="graphs"``).
+    f in the backward (none for explicit methods with ``memory="graphs"``);
+    ``jacobians`` the Jacobian assemblies (``jacobian="dense"`` or ``"blockdiag"``)
+    of the forward and then of its backward.
     """
 
     method: str = ""
