@@ -31,15 +31,20 @@ class Run:
         self.dtype = y0.dtype
         self.device = y0.device
         self.sign = 1.0 if times[-1] > times[0] else -1.0
-        # Increasing, and in PETSc's precision: a single-precision PETSc lands on f32(t_i), and
-        # a float64 t_i just past it would ask for a last step below float32's resolution.
-        self.times = torch.tensor([self.sign * s for s in times], dtype=PETSC_DTYPE).tolist()
+        # PETSc's time is s = sign * (t - t_0): increasing, and from 0, because PETSc decides
+        # that a step reached an output time to within 1e-6 h *relative to |s|*: around
+        # t = 1e6 that was a whole step, and outputs were taken one step early.
+        self.origin = times[0]
+        # In PETSc's precision: a single-precision PETSc lands on f32(s_i), and a float64
+        # s_i just past it would ask for a last step below float32's resolution.
+        self.times = torch.tensor([self.sign * (s - self.origin) for s in times], dtype=PETSC_DTYPE).tolist()
         self.config = config
         self.stats = stats
         self.y0 = None
 
     def _rhs(self, tape, in_backward):
-        return RHS(self.parts, self.params, self.layout, self.dtype, self.device, self.sign, self.stats, tape,
+        return RHS(self.parts, self.params, self.layout, self.dtype, self.device, self.sign, self.origin,
+                   self.stats, tape,
                    self.solver.staging(self.dtype, self.device), in_backward)
 
     def forward(self, y0, need_grad):

@@ -1,8 +1,8 @@
 """The user's right-hand side as PETSc sees it: flat vectors in, flat vectors out.
 
-PETSc integrates ``dy/ds = sign * f(sign * s, y)`` on flat PETSc-precision
-vectors; ``sign = -1`` turns a decreasing user time grid into an increasing
-one. A problem has one or two *parts*: ``"explicit"`` (PETSc's RHSFunction)
+PETSc integrates ``dy/ds = sign * f(t_0 + sign * s, y)`` on flat PETSc-precision
+vectors, from s = 0; ``sign = -1`` turns a decreasing user time grid into an
+increasing one. A problem has one or two *parts*: ``"explicit"`` (PETSc's RHSFunction)
 and ``"implicit"`` (posed as the IFunction ``ydot - f``); IMEX methods use
 both. This module owns every call of the user's functions: evaluations,
 vector-Jacobian products (VJPs) for the adjoint, Jacobian-vector products
@@ -143,7 +143,7 @@ class FlatLayout:
 class RHS:
     """One call's view of the user's functions: parameters, shapes, dtypes, counters."""
 
-    def __init__(self, parts, params, layout, dtype, device, sign, stats, tape=None, staging=None,
+    def __init__(self, parts, params, layout, dtype, device, sign, origin, stats, tape=None, staging=None,
                  in_backward=False):
         self.parts = parts            # {"explicit": f} and/or {"implicit": f}
         self.params = params          # tensors that need a gradient
@@ -152,6 +152,7 @@ class RHS:
         self.dtype = dtype            # the model's dtype (PETSc's may differ)
         self.device = device
         self.sign = sign
+        self.origin = origin          # t_0: the user's time at s = 0
         self.stats = stats
         self.tape = tape
         self.staging = staging        # pnode._staging.Staging unless f runs on PETSc's memory as is
@@ -160,8 +161,12 @@ class RHS:
         self._output_views = {}       # id(flat) -> (flat, layout.output(flat)), see output_view
 
     # -- evaluation -----------------------------------------------------------------
+    def user_time(self, s):
+        """The user's time at PETSc's time ``s``."""
+        return self.origin + self.sign * s
+
     def _time(self, s):
-        return torch.scalar_tensor(self.sign * s, dtype=self.dtype, device=self.device)  # 1.3 us < torch.tensor
+        return torch.scalar_tensor(self.origin + self.sign * s, dtype=self.dtype, device=self.device)  # 1.3 us < torch.tensor
 
     def _model_input(self, y_flat, copy):
         if self.staging is not None:
@@ -194,10 +199,10 @@ class RHS:
         try:
             out = self.parts[part](self._time(s), y)
         except Exception as exc:
-            raise RHSError(f"{self._name(part)} raised {type(exc).__name__}: {exc}", time=self.sign * s) from exc
+            raise RHSError(f"{self._name(part)} raised {type(exc).__name__}: {exc}", time=self.user_time(s)) from exc
         if not isinstance(out, torch.Tensor):
             raise RHSError(f"{self._name(part)} must return a torch.Tensor shaped like y, got "
-                           f"{type(out).__name__}", time=self.sign * s)
+                           f"{type(out).__name__}", time=self.user_time(s))
         expected = self.layout.out_shape
         if out.shape != expected or out.dtype != y.dtype or out.device != y.device:
             like = "must match y in all three" if expected == y.shape else \
@@ -205,7 +210,7 @@ class RHS:
             raise RHSError(
                 f"{self._name(part)} returned shape {tuple(out.shape)}, dtype {out.dtype}, device {out.device} "
                 f"for y of shape {tuple(y.shape)}, dtype {y.dtype}, device {y.device}; dy/dt {like}",
-                time=self.sign * s)
+                time=self.user_time(s))
         return out
 
     def _seen(self, y_flat):
@@ -230,12 +235,12 @@ class RHS:
         return y_flat
 
     def value(self, part, s, y_flat):
-        """f(sign * s, y) without a graph, shaped like y (the initial-step heuristic uses it too)."""
+        """f(t_0 + sign * s, y) without a graph, shaped like y (the initial-step heuristic uses it too)."""
         with torch.no_grad():
             return self._call(part, s, self._model_input(y_flat, copy=False))
 
     def evaluate(self, part, s, y_flat, out_flat, ts, u):
-        """out = sign * f(sign * s, y); with a tape, keep the graph for the backward.
+        """out = sign * f(t_0 + sign * s, y); with a tape, keep the graph for the backward.
 
         ``ts`` and ``u`` (the TS and the input Vec) name the stage for the tape.
         """

@@ -19,6 +19,7 @@ import torch
 from ._errors import NonFiniteError, PnodeError, SolverError
 from ._initial_step import initial_step
 from ._petsc import PETSc, petsc_message
+from ._rhs import _close_times
 from ._staging import Staging
 from ._ts_builder import apply_options, build_ts
 
@@ -171,7 +172,7 @@ class Solver:
             # t + dt == t: the step is below the resolution of the time variable, and
             # PETSc would spin to max_num_steps and return a state short of the end time.
             raise SolverError("step size underflow: the time no longer advances", phase="forward",
-                              time=self.rhs.sign * s, step=ts.getStepNumber(), step_size=self._h,
+                              time=self.rhs.user_time(s), step=ts.getStepNumber(), step_size=self._h,
                               reason="STEP_SIZE_UNDERFLOW",
                               hint="shift t to start near 0, or loosen rtol/atol if the steps collapsed")
         self._step_times.append(s)
@@ -179,7 +180,7 @@ class Solver:
         # seen by the right-hand side, and checkpointing replays it bit for bit.
         self.step_sizes.append(self._h)
         if not self._finite(self.u_view, self.u):
-            raise NonFiniteError("NaN or Inf in the state", phase="forward", time=self.rhs.sign * s,
+            raise NonFiniteError("NaN or Inf in the state", phase="forward", time=self.rhs.user_time(s),
                                  step=ts.getStepNumber(), step_size=ts.getTimeStep(),
                                  hint="reduce the step size or rtol/atol, or check func for overflow")
 
@@ -300,8 +301,17 @@ class Solver:
         sol_times, sols = ts.getEvaluationSolutions()
         if len(sols) != len(times):
             raise SolverError(f"reached {len(sols)} of {len(times)} output times", phase="forward",
-                              time=rhs.sign * ts.getTime(), step=ts.getStepNumber(),
+                              time=rhs.user_time(ts.getTime()), step=ts.getStepNumber(),
                               hint="raise options['max_num_steps']")
+        for want, got in zip(times, sol_times):
+            # PETSc takes a step as landing on an output time within 1e-6 h relative to
+            # |s|: a span of 1e6 would make that a whole step and shift the outputs.
+            if not _close_times(want, float(got)):
+                raise SolverError(f"PETSc stored the output for t={rhs.user_time(want):.17g} at "
+                                  f"t={rhs.user_time(float(got)):.17g}", phase="forward",
+                                  time=rhs.user_time(float(got)), step=ts.getStepNumber(),
+                                  hint="the span of t is too long for its steps in PETSc's time "
+                                       "matching; split t into shorter solves")
         index = {s: i for i, s in enumerate(self._step_times)}
         self.output_steps = [index[float(s)] for s in sol_times]
         ys = torch.stack([self.view(v).clone() for v in sols])
@@ -310,7 +320,7 @@ class Solver:
         st.rejected_steps = ts.getStepRejections()
         st.newton_iterations = ts.getSNESIterations()
         st.krylov_iterations = ts.getKSPIterations()
-        st.step_times = [rhs.sign * s for s in self._step_times]
+        st.step_times = [rhs.user_time(s) for s in self._step_times]
         st.device_path = rhs.staging.path if rhs.staging is not None else "shared memory (DLPack)"
         st.trajectory_bytes = st.steps * self.step_bytes if owner is not None else 0
         st.forward_seconds = _time.perf_counter() - start
@@ -343,8 +353,8 @@ class Solver:
         finally:
             self._replay = None
         if ts.getStepNumber() != first + len(sizes) or ts.getTime() != t_end:
-            raise SolverError(f"recomputation reached t={rhs.sign * ts.getTime():.17g}, step "
-                              f"{ts.getStepNumber()} instead of t={rhs.sign * t_end:.17g}, step "
+            raise SolverError(f"recomputation reached t={rhs.user_time(ts.getTime()):.17g}, step "
+                              f"{ts.getStepNumber()} instead of t={rhs.user_time(t_end):.17g}, step "
                               f"{first + len(sizes)}", phase="backward",
                               hint="a nondeterministic func cannot be checkpointed; use the default "
                                    "store-everything mode")
@@ -408,7 +418,7 @@ class Solver:
         self._run(ts.adjointSolve, phase="backward")
         if not self._finite(self.lam_view, self.lam):
             raise NonFiniteError("NaN or Inf in the adjoint", phase="backward",
-                                 time=self.rhs.sign * ts.getTime(), step=ts.getStepNumber(),
+                                 time=self.rhs.user_time(ts.getTime()), step=ts.getStepNumber(),
                                  hint="the loss gradient or the Jacobian of func overflows")
 
     def _run(self, call, *args, phase):
@@ -505,6 +515,6 @@ class Solver:
             details.insert(0, f"NaN or Inf in the {'state' if phase == 'forward' else 'adjoint'}")
         if message:
             details.insert(0, message)
-        return cls("; ".join(details) or "the solver stopped", phase=phase, time=self.rhs.sign * ts.getTime(),
+        return cls("; ".join(details) or "the solver stopped", phase=phase, time=self.rhs.user_time(ts.getTime()),
                    step=ts.getStepNumber(), step_size=ts.getTimeStep(), residual=residual,
                    reason=name if name not in ("ITERATING", "CONVERGED_ITERATING") else None, hint=hint)

@@ -133,7 +133,7 @@ def test_colored_jacobian_equals_autograd(kw):
     field = initial_field(grid)
     config = make_config("beuler", 1e-6, 1e-8, {"jacobian": "colored"}, None).for_state(field, grid)
     solver = grid._make_solver(config, 0, ("implicit",))
-    solver.rhs = RHS({"implicit": func}, [], grid.layout, torch.float64, torch.device("cpu"), 1.0,
+    solver.rhs = RHS({"implicit": func}, [], grid.layout, torch.float64, torch.device("cpu"), 1.0, 0.0,
                      pnode.Stats())
     solver.view(solver.u).copy_(grid.layout.to_flat(field))
     solver.u.stateIncrease()
