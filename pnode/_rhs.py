@@ -45,6 +45,15 @@ def _vjp(out, inputs, w):
     return _engine_run_backward((out,), (w,), True, False, tuple(inputs), True, accumulate_grad=False)
 
 
+def _with_graph(out, y_in):
+    """f's output, on a graph from ``y_in`` even when f ignores y and every parameter.
+
+    dy/dt = g(t) is a valid ODE; its VJPs, JVPs and Jacobian blocks are zero, but
+    autograd refuses to differentiate a tensor with no graph at all.
+    """
+    return out if out.requires_grad else out + 0 * y_in.sum()
+
+
 class _Entry:
     __slots__ = ("part", "handle", "time", "seen", "y_in", "out")
 
@@ -252,7 +261,7 @@ class RHS:
             seen, y_in = self._seen(y_flat)
             y_in.requires_grad_()
             with torch.enable_grad():
-                out = self._call(part, s, y_in)
+                out = _with_graph(self._call(part, s, y_in), y_in)
             self.tape.record(ts.getStepNumber(), part, u.getId(), s, seen, y_in, out)
             out = out.detach()
         if self.staging is not None:
@@ -287,7 +296,7 @@ class RHS:
                 self.stats.linearisations += 1
             y_in = self._model_input(y_flat, copy=True).requires_grad_()
             with torch.enable_grad():
-                out = self._call(part, point.time, y_in)
+                out = _with_graph(self._call(part, point.time, y_in), y_in)
             graph = [y_in, out, None, None]
         self._graph = (key, graph)
         return graph
