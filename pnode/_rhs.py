@@ -20,7 +20,10 @@ VJP is taken at exactly the state PETSc hands over, so both modes give the same
 gradient.
 """
 
+import warnings
+
 import torch
+from torch import nn
 
 from ._errors import RHSError
 from ._petsc import EPS as PETSC_EPS
@@ -52,6 +55,38 @@ def _with_graph(out, y_in):
     autograd refuses to differentiate a tensor with no graph at all.
     """
     return out if out.requires_grad else out + 0 * y_in.sum()
+
+
+def _warn_unlisted_leaves(out, y_in, params, parts):
+    """Warn when f's output depends on tensors that need a gradient pnode will not give them.
+
+    torchdiffeq's backprop differentiates whatever f touches; an adjoint differentiates
+    the parameters it was given: a learnable tensor kept outside func's modules, or an
+    encoder's parameters reached through a context vector f closes over, would silently
+    get no gradient. Parameters of func's own modules left out of ``adjoint_params`` on
+    purpose are not reported.
+    """
+    own = set()
+    for f in parts.values():
+        module = f if isinstance(f, nn.Module) else getattr(f, "__self__", None)
+        if isinstance(module, nn.Module):
+            own.update(id(p) for p in module.parameters())
+    known = own | {id(y_in)} | {id(p) for p in params}
+    unlisted, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)   # AccumulateGrad: a leaf that requires grad
+        if leaf is not None and id(leaf) not in known:
+            unlisted.append(tuple(leaf.shape))
+        stack.extend(fn for fn, _ in node.next_functions)
+    if unlisted:
+        warnings.warn(f"func's output depends on {len(unlisted)} tensor(s) that require grad but are not "
+                      f"parameters of func's modules nor in adjoint_params (shapes {unlisted}): pnode's "
+                      "adjoint gives them no gradient. Make them nn.Parameters of func (or of a submodule), "
+                      "or pass adjoint_params=(...) including them", stacklevel=2)
 
 
 class _Entry:
@@ -168,6 +203,7 @@ class RHS:
         self.in_backward = in_backward  # where a graph built at a point is counted (stats)
         self._graph = None            # ((part, point key), [y_in, out, u, g]) at PETSc's last point
         self._output_views = {}       # id(flat) -> (flat, layout.output(flat)), see output_view
+        self._leaves_checked = False
 
     # -- evaluation -----------------------------------------------------------------
     def user_time(self, s):
@@ -222,6 +258,15 @@ class RHS:
                 time=self.user_time(s))
         return out
 
+    def _call_with_grad(self, part, s, y_in):
+        """f(t, y_in) on a graph from y_in; the call's first such graph is searched for hidden leaves."""
+        with torch.enable_grad():
+            out = _with_graph(self._call(part, s, y_in), y_in)
+        if not self._leaves_checked:
+            self._leaves_checked = True
+            _warn_unlisted_leaves(out, y_in, self.params, self.parts)
+        return out
+
     def _seen(self, y_flat):
         """(seen, f's input) for the tape: ``seen`` is what the backward's check compares.
 
@@ -259,9 +304,7 @@ class RHS:
         else:
             # A private copy: PETSc overwrites its stage vectors, the graph must not see that.
             seen, y_in = self._seen(y_flat)
-            y_in.requires_grad_()
-            with torch.enable_grad():
-                out = _with_graph(self._call(part, s, y_in), y_in)
+            out = self._call_with_grad(part, s, y_in.requires_grad_())
             self.tape.record(ts.getStepNumber(), part, u.getId(), s, seen, y_in, out)
             out = out.detach()
         if self.staging is not None:
@@ -295,9 +338,7 @@ class RHS:
             else:
                 self.stats.linearisations += 1
             y_in = self._model_input(y_flat, copy=True).requires_grad_()
-            with torch.enable_grad():
-                out = _with_graph(self._call(part, point.time, y_in), y_in)
-            graph = [y_in, out, None, None]
+            graph = [y_in, self._call_with_grad(part, point.time, y_in), None, None]
         self._graph = (key, graph)
         return graph
 
