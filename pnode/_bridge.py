@@ -95,6 +95,8 @@ class Run:
         if self.config.checkpoints is not None:
             return self._unflatten(*self._checkpointed_backward(g))
         solver = self.solver
+        # Calls that differ only in tolerances share a solver; a later call's are set on it now.
+        solver.config = self.config
         if solver.trajectory_owner is not self:
             # Another forward overwrote the trajectory, or a first backward consumed it
             # (retain_graph): recompute the forward so the adjoint sees this run's steps.

@@ -2,6 +2,7 @@
 through an independent pure-torch implementation of the same tableau on the same steps."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -272,3 +273,59 @@ def test_func_independent_of_y(method, options):
     w = torch.randn(ys.shape, dtype=torch.float64)
     g, = torch.autograd.grad((w * ys).sum(), y0)
     assert torch.allclose(g, w.sum(0), rtol=1e-13, atol=1e-13)
+
+
+class OutsideRate(nn.Module):
+    """-w * y + lin(y) with w a learnable tensor that is not a parameter of the module."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = [w]   # hidden from Module.parameters(), as a tensor kept elsewhere would be
+        self.lin = nn.Linear(2, 2).double()
+
+    def forward(self, t, y):
+        return -self.w[0] * y + self.lin(y)
+
+
+@pytest.mark.parametrize("memory", ["graphs", "states"])
+def test_hidden_learnable_tensor_warns_and_adjoint_params_fix_it(memory):
+    """torchdiffeq's backprop differentiates every tensor f touches; an adjoint only the
+    parameters it knows. A learnable tensor outside func's modules got no gradient, silently."""
+    w = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    func = OutsideRate(w)
+    y0 = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    opts = {"step_size": 0.1, "memory": memory}
+    with pytest.warns(UserWarning, match=r"1 tensor\(s\) that require grad .* no gradient"):
+        pnode.odeint(func, y0, t, method="rk4", options=opts).sum().backward()
+    assert w.grad is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        params = [w, *func.parameters()]
+        g = torch.autograd.grad(pnode.odeint(func, y0, t, method="rk4", options=opts,
+                                             adjoint_params=params).sum(), params)
+        # a parameter of func's own module left out on purpose is not reported
+        pnode.odeint(func, y0, t, method="rk4", options=opts, adjoint_params=[w]).sum().backward()
+    ref = explicit_rk(func, y0, "4", [0.1 * k for k in range(11)])
+    g_ref = torch.autograd.grad(ref[-1].sum(), params)
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("memory", ["graphs", "states"])
+def test_backward_after_a_call_with_other_tolerances(memory):
+    """Calls that differ only in rtol/atol share a solver. A backward that recomputes its
+    forward (memory='states' here, or a retained graph) ran at the later call's tolerances:
+    the first call's gradient was off by 1e-4."""
+    func = MLP(dim=2, seed=3)
+    y0 = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    t = torch.tensor([0.0, 0.5, 2.0], dtype=torch.float64)
+    inputs = [y0, *func.parameters()]
+
+    def solve(tol):
+        return pnode.odeint(func, y0, t, rtol=tol, atol=tol, options={"memory": memory})
+    expected = torch.autograd.grad(loss_fn(solve(1e-3)), inputs)
+    first = solve(1e-3)
+    solve(1e-10)
+    for g, e in zip(torch.autograd.grad(loss_fn(first), inputs), expected):
+        assert torch.equal(g, e)
