@@ -1,13 +1,15 @@
 """The public entry points: ``odeint`` (torchdiffeq-compatible) and ``NeuralODE``."""
 
 import weakref
+from collections import OrderedDict
 
 import torch
 from torch import nn
 
 from ._bridge import PnodeFunction, Run
+from ._errors import RHSError
 from ._rhs import FlatLayout
-from ._options import check_devices, check_time, check_y0, make_config
+from ._options import check_devices, check_dtypes, check_time, check_y0, make_config
 from ._solver import Solver
 from ._stats import Stats
 
@@ -58,8 +60,13 @@ def _parameters(func, adjoint_params):
 class _SolverCache:
     """Solvers keyed by what their PETSc objects depend on, so calls reuse them."""
 
+    # Each solver holds a TS, its Vecs and Mats and its last trajectory, and one serves a
+    # single len(t): series of many lengths would keep gigabytes. The least recently used
+    # go; a Run keeps its own solver, so a pending backward survives its eviction.
+    size = 8
+
     def __init__(self):
-        self.solvers = {}
+        self.solvers = OrderedDict()
 
     def get(self, config, n, n_params, parts, n_times=None, grid=None):
         # PETSc 3.26's TSSetEvaluationTimes frees its arrays and writes into NULL when
@@ -70,6 +77,9 @@ class _SolverCache:
             solver = Solver(config, n, n_params, parts) if grid is None else \
                 grid._make_solver(config, n_params, parts)
             self.solvers[key] = solver
+        self.solvers.move_to_end(key)
+        if len(self.solvers) > self.size:
+            self.solvers.popitem(last=False)
         solver.config = config
         return solver
 
@@ -97,9 +107,14 @@ def _integrate(cache, func, y0, t, config, params, stats, grid):
                        len(times), grid)
     layout = FlatLayout(y0.shape) if grid is None else grid.layout
     run = Run(cache, solver, parts, params, y0, times, config, stats, layout, grid)
-    if torch.is_grad_enabled() and (y0.requires_grad or params):
-        return PnodeFunction.apply(run, y0, *params)
-    return run.forward(y0, need_grad=False)
+    try:
+        if torch.is_grad_enabled() and (y0.requires_grad or params):
+            return PnodeFunction.apply(run, y0, *params)
+        return run.forward(y0, need_grad=False)
+    except RHSError as exc:
+        if stats.rhs_evals <= 1:   # func failed at its first call: y0 may not mix with the parameters
+            check_dtypes(y0, params, exc)
+        raise
 
 
 def odeint(func, y0, t, *, method="dopri5", rtol=1e-7, atol=1e-9, options=None,

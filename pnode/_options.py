@@ -88,8 +88,10 @@ class Config:
 
 
 def _positive(name, value):
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()   # a bool or complex tensor stays one, and is refused below
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        raise ValueError(f"{name} must be a positive finite number (a float or a 0-d tensor), got {value!r}")
     return float(value)
 
 
@@ -167,8 +169,11 @@ def make_config(method, rtol, atol, options, petsc_options):
 _RESERVED = {"ts_type": "method=", "ts_rtol": "rtol=", "ts_atol": "atol=",
              "ts_max_steps": "options['max_num_steps']", "ts_dt": "options['step_size'] or options['first_step']",
              "ts_max_reject": "options['max_rejections']", "ts_exact_final_time": "the output times t",
+             "ts_max_time": "the output times t",
              "ts_save_trajectory": "nothing: pnode keeps what the backward needs",
-             "ts_trajectory_type": "options['checkpoints']"}
+             "ts_trajectory_type": "options['checkpoints']",
+             "ts_arkimex_fully_implicit": "a single func rather than a (nonstiff, stiff) pair (pnode runs a "
+                                          "single func fully implicit through its IFunction already)"}
 
 
 @functools.lru_cache(maxsize=256)
@@ -286,3 +291,19 @@ def check_devices(y0, params):
         if p.device != y0.device:
             raise ValueError(f"y0 is on {y0.device} but func has parameters on {p.device}; move one "
                              f"of them: y0.to({str(p.device)!r}) or func.to({str(y0.device)!r})")
+
+
+def check_dtypes(y0, params, failure):
+    """After func raised at its first call: a ValueError when y0's dtype is not its parameters'.
+
+    Not up front: a func may cast its input itself (a Grid state is float64 whatever the
+    model), and a mixed-precision model has no one dtype for y0 to match.
+    """
+    dtypes = {p.dtype for p in params}
+    if failure.__cause__ is None or len(dtypes) != 1:
+        return
+    dtype, = dtypes
+    if dtype == y0.dtype or not dtype.is_floating_point:
+        return
+    raise ValueError(f"y0 is {y0.dtype} but func's parameters are {dtype}, and func raised at its first "
+                     f"call ({failure.message}): pass y0.to({dtype}) or func.to({y0.dtype})") from failure

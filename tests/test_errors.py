@@ -156,6 +156,17 @@ BAD_OPTIONS = [
      ValueError, ["'ksp_type': 'nonexistent'", "KSP type"]),
     ("an option pnode sets", dict(petsc_options={"ts_type": "bdf"}), ValueError,
      ["petsc_options['ts_type'] is set by pnode", "method="]),
+    # It stopped the solve short of t[-1]: "reached 1 of 3 output times, raise max_num_steps".
+    ("the end time", dict(petsc_options={"ts_max_time": 0.3}), ValueError,
+     ["petsc_options['ts_max_time'] is set by pnode", "the output times t"]),
+    # Fully implicit ARKIMEX adds the explicit Jacobian into pnode's shell: "No method getrow".
+    ("fully implicit ARKIMEX", dict(method="arkimex", petsc_options={"ts_arkimex_fully_implicit": True}),
+     ValueError, ["petsc_options['ts_arkimex_fully_implicit'] is set by pnode", "a single func",
+                  "fully implicit through its IFunction"]),
+    ("rtol a tensor of one value", dict(rtol=torch.tensor([1e-6])), ValueError,
+     ["rtol must be a positive finite number (a float or a 0-d tensor)", "tensor([1.0000e-06])"]),
+    ("atol a negative 0-d tensor", dict(atol=torch.tensor(-1e-9, dtype=torch.float64)), ValueError,
+     ["atol must be a positive finite number", "-1e-09"]),
 ]
 
 
@@ -168,6 +179,60 @@ def test_bad_options(name, kwargs, exc, words):
     with pytest.raises(exc) as info:
         odeint(minus, Y0, T, adjoint_params=(), **kwargs)
     check(info, *words)
+
+
+def test_tolerances_as_0d_tensors():
+    """rtol=torch.tensor(1e-6), as a tolerance schedule may hand it over, is that float."""
+    want = odeint(Net(), Y0, T, rtol=1e-6, atol=1e-8)
+    got = odeint(Net(), Y0, T, rtol=torch.tensor(1e-6, dtype=torch.float64),
+                 atol=torch.tensor(1e-8, dtype=torch.float64))
+    assert torch.equal(got, want)
+    module = NeuralODE(Net(), rtol=torch.tensor(1e-6))
+    assert module.config.rtol == float(torch.tensor(1e-6)) and type(module.config.rtol) is float
+
+
+@pytest.mark.parametrize("method, options", [("rk4", {"step_size": 0.25}), ("dopri5", {}),
+                                             ("beuler", {"step_size": 0.25})])
+def test_y0_of_another_dtype_than_the_parameters(method, options):
+    """A float32 y0 into a float64 model: torch's "mat1 and mat2 must have the same dtype"
+    named neither y0 nor the parameters."""
+    y0 = Y0.float()
+    for call in (lambda: odeint(Net(), y0, T, method=method, options=options),
+                 lambda: NeuralODE(Net(), method=method, options=options)(y0.requires_grad_(), T)):
+        with pytest.raises(ValueError) as info:
+            call()
+        check(info, "y0 is torch.float32 but func's parameters are torch.float64", "same dtype",
+              "y0.to(torch.float64) or func.to(torch.float32)")
+        assert isinstance(info.value.__cause__, RHSError)
+
+
+class CastsItsInput(nn.Module):
+    """float32 parameters (a float32 layer next to a float64 one when ``mixed``) that cast y."""
+
+    def __init__(self, mixed):
+        super().__init__()
+        self.a = nn.Linear(3, 3).float()
+        self.b = nn.Linear(3, 3).double() if mixed else None
+
+    def forward(self, t, y):
+        out = self.a(y.float()).to(y.dtype)
+        return -out if self.b is None else -self.b(out.double()).to(y.dtype)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_y0_of_another_dtype_is_fine_when_func_casts_it(mixed):
+    func = CastsItsInput(mixed)
+    y0 = Y0.clone().requires_grad_()
+    ys = odeint(func, y0, T, **RK4)
+    grads = torch.autograd.grad(ys.sum(), [y0, *func.parameters()])
+    assert ys.dtype == torch.float64 and all(torch.isfinite(g).all() for g in grads)
+
+    def late(t, y):
+        if float(t) > 0.6:
+            raise RuntimeError("late")
+        return func(t, y)
+    with pytest.raises(RHSError, match="late"):   # func ran: a later failure is func's own
+        odeint(late, Y0, T, **RK4, adjoint_params=tuple(func.parameters()))
 
 
 def test_petsc_rejection_leaves_no_options_behind():
@@ -446,6 +511,26 @@ def test_second_order_gradients_raise_instead_of_coming_out_zero():
     with pytest.raises(RuntimeError) as info:
         g.sum().backward()
     check(info, "differentiate twice", "once_differentiable")
+
+
+IMEX = [name for name, m in pnode.METHODS.items() if m.kind == "imex"]
+
+
+@pytest.mark.parametrize("method", IMEX)
+def test_imex_method_with_a_single_func(method):
+    """A single func is the stiff part of a zero split. arkimex-ars122 (explicit first stage,
+    not stiffly accurate) failed at t=0 with PETSc error 56 'explicit-first stage methods
+    cannot be used if the equation is implicit' until pnode stated the zero explicit part."""
+    net = Net()
+    y0 = Y0.clone().requires_grad_()
+    t = T + 0.5   # a stale stage time would show as another first slope
+    runs = []
+    for func in (net, (lambda t, y: torch.zeros_like(y), net)):
+        ys = odeint(func, y0, t, method=method, options={"step_size": 0.1},
+                    adjoint_params=tuple(net.parameters()))
+        runs.append((ys.detach(),) + grads_of(ys, y0, net))
+    for single, pair in zip(*runs):
+        torch.testing.assert_close(single, pair, rtol=1e-13, atol=1e-15)
 
 
 def test_every_pnode_error_is_a_runtime_error():
