@@ -13,6 +13,7 @@ was computed.
 
 import math
 import time as _time
+import weakref
 
 import torch
 
@@ -132,11 +133,14 @@ class Solver:
     def ijacobian(self, ts, s, u, udot, shift, A, P):
         self.jac["implicit"].point.set(s, u, ts.getStepNumber(), shift)
         if self.pc is not None:
-            point, y = self.jac["implicit"].point, self.view(u)
+            # The callback waits in the PCShell, which PETSc holds: a strong reference to
+            # the solver there is a cycle Python's collector cannot see (a dropped or
+            # evicted solver was never freed).
+            point, y, me = self.jac["implicit"].point, self.view(u), weakref.proxy(self)
 
             def blocks():
-                self.rhs.stats.jacobians += 1
-                return self.rhs.jacobian_blocks("implicit", point, y)
+                me.rhs.stats.jacobians += 1
+                return me.rhs.jacobian_blocks("implicit", point, y)
             self.pc.prepare(blocks, shift)
         elif self.dense is not None:
             self.rhs.stats.jacobians += 1
