@@ -329,3 +329,21 @@ def test_backward_after_a_call_with_other_tolerances(memory):
     solve(1e-10)
     for g, e in zip(torch.autograd.grad(loss_fn(first), inputs), expected):
         assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("method, options", [("rk4", {"step_size": 0.1}), ("dopri5", {}),
+                                             ("beuler", {"step_size": 0.1}), ("arkimex", {"step_size": 0.1})])
+def test_scalar_state(method, options):
+    """A 0-d y0 (torchdiffeq accepts it) is the 1-element state: same values, same gradients.
+    It failed in Tensor.view(), which cannot take an empty unpacked shape."""
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    results = []
+    for shape in ((), (1,)):
+        k = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        y0 = torch.ones(shape, dtype=torch.float64, requires_grad=True)
+        ys = pnode.odeint(lambda t, y: -k * y + torch.sin(t), y0, t, method=method, options=options,
+                          adjoint_params=(k,))
+        assert ys.shape == (3, *shape)
+        results.append((ys.reshape(-1), *torch.autograd.grad((ys ** 2).sum(), (y0, k))))
+    for a, b in zip(*results):
+        assert torch.equal(a.reshape(-1), b.reshape(-1))
