@@ -134,9 +134,14 @@ class PnodeFunction(torch.autograd.Function):
     def forward(ctx, run, y0, *params):
         ctx.run = run
         ys = run.forward(y0, need_grad=True)
+        if ys._base is not None:
+            # A view (of the stacked outputs, reshaped): autograd forbids editing in place a
+            # view a Function returns (ys[0] = 0 raised), which torchdiffeq's outputs allow.
+            ys = ys.clone()
         # Saved only so that a second backward without retain_graph gets PyTorch's usual
-        # error: autograd frees saved tensors after the first one.
-        ctx.save_for_backward(ys)
+        # error: autograd frees saved tensors after the first one. Not ys: saving it
+        # would make an in-place edit of the outputs fail the backward.
+        ctx.save_for_backward(ys.new_empty(0))
         return ys
 
     @staticmethod

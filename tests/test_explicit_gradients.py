@@ -347,3 +347,24 @@ def test_scalar_state(method, options):
         results.append((ys.reshape(-1), *torch.autograd.grad((ys ** 2).sum(), (y0, k))))
     for a, b in zip(*results):
         assert torch.equal(a.reshape(-1), b.reshape(-1))
+
+
+@pytest.mark.parametrize("shape", [(3, 2), (6,)])
+def test_outputs_can_be_edited_in_place(shape):
+    """ys[0] = 0 after odeint (torchdiffeq allows it): the returned tensor was a view made
+    inside the autograd Function, and the Function saved it, so both the edit and the
+    backward raised. A second backward without retain_graph still raises."""
+    func = MLP(dim=shape[-1], seed=5)
+    y0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    inputs = [y0, *func.parameters()]
+    expected = torch.autograd.grad((pnode.odeint(func, y0, t, method="rk4", options={"step_size": 0.1})[1:] ** 2).sum(),
+                                   inputs)
+    ys = pnode.odeint(func, y0, t, method="rk4", options={"step_size": 0.1})
+    ys[0] = 0.0
+    loss = (ys ** 2).sum()
+    for g, e in zip(torch.autograd.grad(loss, inputs, retain_graph=True), expected):
+        assert torch.equal(g, e)
+    torch.autograd.grad(loss, inputs)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(loss, inputs)
