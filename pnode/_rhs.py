@@ -212,7 +212,7 @@ class RHS:
         return self.origin + self.sign * s
 
     def _time(self, s):
-        return torch.scalar_tensor(self.origin + self.sign * s, dtype=self.dtype, device=self.device)  # 1.3 us < torch.tensor
+        return torch.scalar_tensor(self.user_time(s), dtype=self.dtype, device=self.device)  # 1.3 us < torch.tensor
 
     def _model_input(self, y_flat, copy):
         if self.staging is not None:

@@ -178,7 +178,8 @@ class Solver:
             raise SolverError("step size underflow: the time no longer advances", phase="forward",
                               time=self.rhs.user_time(s), step=ts.getStepNumber(), step_size=self._h,
                               reason="STEP_SIZE_UNDERFLOW",
-                              hint="shift t to start near 0, or loosen rtol/atol if the steps collapsed")
+                              hint="loosen rtol/atol if the steps collapsed, or split a very long span of t "
+                                   "into shorter solves")
         self._step_times.append(s)
         # ts.getTimeStep() is already the next step's size here; the accepted one was
         # seen by the right-hand side, and checkpointing replays it bit for bit.
