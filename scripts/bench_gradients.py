@@ -216,11 +216,15 @@ def reference_grads(net, y0, t, subtype, step_times):
     return list(torch.autograd.grad(loss, [y0r, *net64.parameters()]))
 
 
-def run_problem(dtype, batch, method, reps, seed=0):
+def make_problem(dtype, batch, seed=0):
+    """(func, y0, t): the benchmark's MLP right-hand side, initial states and output times."""
     torch.manual_seed(seed)
     func = Counted(MLP([32, 128, 128, 32])).to(dtype)
-    y0 = torch.randn(batch, 32, dtype=dtype)
-    t = torch.tensor(T_OUT, dtype=dtype)
+    return func, torch.randn(batch, 32, dtype=dtype), torch.tensor(T_OUT, dtype=dtype)
+
+
+def run_problem(dtype, batch, method, reps, seed=0):
+    func, y0, t = make_problem(dtype, batch, seed)
     subtype = pnode.METHODS[method].subtype
     cs = make_contenders(func, method)
 
@@ -483,11 +487,7 @@ def profile_worker(spec, reps):
     stdin (py-spy attaching, see scripts/_profile_split.py), then repeats the calls.
     """
     dtype_name, name = spec.split(":", 1)
-    dtype = getattr(torch, dtype_name)
-    torch.manual_seed(0)
-    func = Counted(MLP([32, 128, 128, 32])).to(dtype)
-    y0 = torch.randn(256, 32, dtype=dtype)
-    t = torch.tensor(T_OUT, dtype=dtype)
+    func, y0, t = make_problem(getattr(torch, dtype_name), 256)
     c = {c.name: c for c in make_contenders(func, "rk4")}[name]
     fwd_bwd(c, func, y0, t)
     print(statistics.median(sum(fwd_bwd(c, func, y0, t)) for _ in range(reps)), flush=True)
