@@ -17,6 +17,9 @@ from ._petsc import DTYPE as PETSC_DTYPE, EPS as PETSC_EPS, PETSc, petsc_message
 
 MEMORY_MODES = ("graphs", "states")
 JACOBIANS = ("blockdiag", "dense", "matrix-free", "colored")
+# Preconditioners built from products with the operator alone: what PETSc can do with
+# pnode's shell Jacobians ('blockdiag' under a user's pc_type, and 'matrix-free').
+_MATRIX_FREE_PCS = ("none", "shell", "python", "mat", "ksp", "composite")
 
 _OPTION_DOCS = {
     "step_size": "fixed step size (a positive float); the last step before each output time is shortened",
@@ -64,8 +67,27 @@ class Config:
         """The configuration with the Jacobian choice and the model's precision resolved for this state."""
         if self.method.kind == "explicit":
             return self
-        cfg = replace(self, eps=max(torch.finfo(y0.dtype).eps, PETSC_EPS))
-        return cfg._with_jacobian(y0, grid)
+        cfg = replace(self, eps=max(torch.finfo(y0.dtype).eps, PETSC_EPS))._with_jacobian(y0, grid)
+        cfg._check_preconditioner(grid)
+        return cfg
+
+    def _check_preconditioner(self, grid):
+        """Refuse a user's pc_type that needs matrix entries pnode's shell Jacobians do not have.
+
+        PETSc only finds out inside the first Newton solve ("Could not locate a solver type
+        for factorization type LU and matrix type python"; jacobi also left the KSP in a state
+        TSDestroy complained about on stderr).
+        """
+        pc = dict(self.petsc_options).get("pc_type")
+        if pc is None or self.jacobian not in ("blockdiag", "matrix-free") or pc.lower() in _MATRIX_FREE_PCS:
+            return
+        fix = "'colored' (the stencil's assembled sparse Jacobian)" if grid is not None else \
+            "'dense' (assembled; for small states)"
+        raise ValueError(f"petsc_options['pc_type']={pc!r} needs the Jacobian's entries, but "
+                         f"options['jacobian']={self.jacobian!r} gives PETSc only products with it: use "
+                         f"options['jacobian']={fix}, a pc_type among {_MATRIX_FREE_PCS}, or no pc_type"
+                         + (" (blockdiag then preconditions with its exact per-sample blocks)"
+                            if self.jacobian == "blockdiag" else ""))
 
     def _with_jacobian(self, y0, grid):
         if grid is not None:
@@ -166,10 +188,17 @@ def make_config(method, rtol, atol, options, petsc_options):
 
 
 # Options pnode sets from its own arguments; overriding them breaks the discrete adjoint.
+# PETSc 3.25 renamed ts_dt and ts_max_reject (to ts_time_step, ts_max_step_rejections) and
+# reads both spellings. Set by hand, ts_eval_times and ts_time_span crashed the process (SEGV),
+# ts_time_step was silently overridden, ts_init_time and ts_run_steps stopped short of t[-1].
 _RESERVED = {"ts_type": "method=", "ts_rtol": "rtol=", "ts_atol": "atol=",
-             "ts_max_steps": "options['max_num_steps']", "ts_dt": "options['step_size'] or options['first_step']",
-             "ts_max_reject": "options['max_rejections']", "ts_exact_final_time": "the output times t",
-             "ts_max_time": "the output times t",
+             "ts_max_steps": "options['max_num_steps']", "ts_run_steps": "options['max_num_steps']",
+             "ts_dt": "options['step_size'] or options['first_step']",
+             "ts_time_step": "options['step_size'] or options['first_step']",
+             "ts_max_reject": "options['max_rejections']", "ts_max_step_rejections": "options['max_rejections']",
+             "ts_exact_final_time": "the output times t", "ts_max_time": "the output times t",
+             "ts_init_time": "the output times t (t[0] is the initial time)",
+             "ts_eval_times": "the output times t", "ts_time_span": "the output times t",
              "ts_save_trajectory": "nothing: pnode keeps what the backward needs",
              "ts_trajectory_type": "options['checkpoints']",
              "ts_arkimex_fully_implicit": "a single func rather than a (nonstiff, stiff) pair (pnode runs a "

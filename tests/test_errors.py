@@ -163,6 +163,20 @@ BAD_OPTIONS = [
     ("fully implicit ARKIMEX", dict(method="arkimex", petsc_options={"ts_arkimex_fully_implicit": True}),
      ValueError, ["petsc_options['ts_arkimex_fully_implicit'] is set by pnode", "a single func",
                   "fully implicit through its IFunction"]),
+    # Before they were reserved: the first two crashed the process (SEGV in TSSolve), the
+    # step size was silently replaced by pnode's, the last two stopped short of t[-1].
+    ("evaluation times", dict(petsc_options={"ts_eval_times": "0.25,0.5"}), ValueError,
+     ["petsc_options['ts_eval_times'] is set by pnode", "the output times t"]),
+    ("time span", dict(petsc_options={"ts_time_span": "0,0.5"}), ValueError,
+     ["petsc_options['ts_time_span'] is set by pnode", "the output times t"]),
+    ("the step size, PETSc 3.25's name", dict(**RK4, petsc_options={"ts_time_step": 0.5}), ValueError,
+     ["petsc_options['ts_time_step'] is set by pnode", "options['step_size'] or options['first_step']"]),
+    ("rejections, PETSc 3.25's name", dict(petsc_options={"ts_max_step_rejections": 3}), ValueError,
+     ["petsc_options['ts_max_step_rejections'] is set by pnode", "options['max_rejections']"]),
+    ("the initial time", dict(petsc_options={"ts_init_time": 0.3}), ValueError,
+     ["petsc_options['ts_init_time'] is set by pnode", "t[0] is the initial time"]),
+    ("steps per solve", dict(petsc_options={"ts_run_steps": 2}), ValueError,
+     ["petsc_options['ts_run_steps'] is set by pnode", "options['max_num_steps']"]),
     ("rtol a tensor of one value", dict(rtol=torch.tensor([1e-6])), ValueError,
      ["rtol must be a positive finite number (a float or a 0-d tensor)", "tensor([1.0000e-06])"]),
     ("atol a negative 0-d tensor", dict(atol=torch.tensor(-1e-9, dtype=torch.float64)), ValueError,
@@ -179,6 +193,29 @@ def test_bad_options(name, kwargs, exc, words):
     with pytest.raises(exc) as info:
         odeint(minus, Y0, T, adjoint_params=(), **kwargs)
     check(info, *words)
+
+
+@pytest.mark.parametrize("jacobian, y0, pc", [(None, Y0.repeat(2, 1), "lu"), ("blockdiag", Y0.repeat(2, 1), "jacobi"),
+                                           ("matrix-free", Y0[0], "ilu"), (None, torch.zeros(300, dtype=torch.float64),
+                                                                            "bjacobi")])
+def test_preconditioner_that_needs_matrix_entries(jacobian, y0, pc):
+    """PETSc found out in the first Newton solve ("Could not locate a solver type for
+    factorization type LU and matrix type python"); name the Jacobian choice that has entries."""
+    options = {"step_size": 0.25} | ({"jacobian": jacobian} if jacobian else {})
+    with pytest.raises(ValueError) as info:
+        odeint(minus, y0, T, method="beuler", options=options, adjoint_params=(), petsc_options={"pc_type": pc})
+    check(info, f"petsc_options['pc_type']={pc!r} needs the Jacobian's entries",
+          f"options['jacobian']={jacobian or ('blockdiag' if y0.dim() == 2 else 'matrix-free')!r}",
+          "options['jacobian']='dense'", "'none'")
+
+
+@pytest.mark.parametrize("jacobian, pc", [("dense", "jacobi"), ("dense", "lu"), ("blockdiag", "none"),
+                                          ("matrix-free", "none")])
+def test_preconditioners_that_work(jacobian, pc):
+    want = odeint(minus, Y0.repeat(2, 1), T, method="beuler", options={"step_size": 0.25}, adjoint_params=())
+    got = odeint(minus, Y0.repeat(2, 1), T, method="beuler", adjoint_params=(),
+                 options={"step_size": 0.25, "jacobian": jacobian}, petsc_options={"pc_type": pc})
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_tolerances_as_0d_tensors():
