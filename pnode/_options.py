@@ -183,7 +183,7 @@ def make_config(method, rtol, atol, options, petsc_options):
         kw["theta"] = m.theta
     petsc_items = _petsc_options(petsc_options)
     if petsc_items:
-        _check_petsc_options(m, petsc_items)
+        _check_petsc_options(m, petsc_items, fixed=kw.get("step_size") is not None or not m.embedded)
     return Config(method=m, rtol=rtol, atol=atol, petsc_options=petsc_items, **kw)
 
 
@@ -200,6 +200,11 @@ _RESERVED = {"ts_type": "method=", "ts_rtol": "rtol=", "ts_atol": "atol=",
              "ts_init_time": "the output times t (t[0] is the initial time)",
              "ts_eval_times": "the output times t", "ts_time_span": "the output times t",
              "ts_save_trajectory": "nothing: pnode keeps what the backward needs",
+             "ts_adjoint_solve": "nothing: the backward (loss.backward()) runs the adjoint",
+             # Jacobians PETSc would build instead of pnode's (snes_mf crashed in pnode's IJacobian)
+             "snes_mf": "options['jacobian']", "snes_mf_operator": "options['jacobian']",
+             "snes_fd": "options['jacobian']", "snes_fd_color": "options['jacobian']",
+             "ts_fd_color": "options['jacobian']",
              "ts_trajectory_type": "options['checkpoints']",
              "ts_arkimex_fully_implicit": "a single func rather than a (nonstiff, stiff) pair (pnode runs a "
                                           "single func fully implicit through its IFunction already)"}
@@ -250,10 +255,21 @@ def _surely_unused(key):
     return family not in _OTHER
 
 
-def _check_petsc_options(method, items):
-    for key, _ in items:
+def _check_petsc_options(method, items, fixed):
+    for key, value in items:
         if key in _RESERVED:
             raise ValueError(f"petsc_options[{key!r}] is set by pnode; use {_RESERVED[key]} instead")
+        if key == "ts_adapt_type" and fixed and value != "none":
+            # pnode resets the fixed step before every step; an adapter that shrinks it after a
+            # rejection then fights it (beuler spun without end).
+            raise ValueError(f"petsc_options['ts_adapt_type']={value!r} adapts the steps, but "
+                             + ("options['step_size'] fixes them: drop one of the two" if method.embedded else
+                                f"method {method.name!r} has no error estimate: use an adaptive method "
+                                "such as 'dopri5' or 'bosh3'"))
+        if key.startswith("ts_rhs_jacobian_test") and method.kind == "implicit":
+            # PETSc dereferences the RHS Jacobian these methods do not have (SEGV).
+            raise ValueError(f"petsc_options[{key!r}] tests PETSc's RHS Jacobian, and method {method.name!r} "
+                             "has none: pnode poses func as the IFunction ydot - f")
     complaint, unused = _petsc_verdict(method.ts_type, items)
     if complaint is not None:
         # Name the culprit: the options PETSc rejects on their own (else the combination).

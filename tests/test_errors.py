@@ -177,6 +177,21 @@ BAD_OPTIONS = [
      ["petsc_options['ts_init_time'] is set by pnode", "t[0] is the initial time"]),
     ("steps per solve", dict(petsc_options={"ts_run_steps": 2}), ValueError,
      ["petsc_options['ts_run_steps'] is set by pnode", "options['max_num_steps']"]),
+    ("the adjoint inside the forward", dict(petsc_options={"ts_adjoint_solve": True}), ValueError,
+     ["petsc_options['ts_adjoint_solve'] is set by pnode", "loss.backward()"]),
+    # It replaced pnode's IJacobian: AttributeError inside the callback.
+    ("PETSc's finite-difference Jacobian", dict(method="beuler", petsc_options={"snes_mf": None}), ValueError,
+     ["petsc_options['snes_mf'] is set by pnode", "options['jacobian']"]),
+    # pnode resets the step before each step, the adapter shrank it after each rejection: beuler spun.
+    ("an adapter on fixed steps", dict(method="beuler", options={"step_size": 0.25},
+                                       petsc_options={"ts_adapt_type": "basic"}), ValueError,
+     ["petsc_options['ts_adapt_type']='basic' adapts the steps", "options['step_size'] fixes them"]),
+    ("an adapter on a fixed-step method", dict(method="rk4", petsc_options={"ts_adapt_type": "dsp"}), ValueError,
+     ["'dsp' adapts the steps", "method 'rk4' has no error estimate", "'dopri5'"]),
+    # PETSc dereferenced the RHS Jacobian theta methods do not have: SEGV.
+    ("RHS Jacobian test on an implicit method",
+     dict(method="cn", petsc_options={"ts_rhs_jacobian_test_mult_transpose": None}), ValueError,
+     ["tests PETSc's RHS Jacobian, and method 'cn' has none", "IFunction"]),
     ("rtol a tensor of one value", dict(rtol=torch.tensor([1e-6])), ValueError,
      ["rtol must be a positive finite number (a float or a 0-d tensor)", "tensor([1.0000e-06])"]),
     ("atol a negative 0-d tensor", dict(atol=torch.tensor(-1e-9, dtype=torch.float64)), ValueError,
