@@ -192,6 +192,11 @@ def make_config(method, rtol, atol, options, petsc_options):
 # reads both spellings. Set by hand, ts_eval_times and ts_time_span crashed the process (SEGV),
 # ts_time_step was silently overridden, ts_init_time and ts_run_steps stopped short of t[-1].
 _RESERVED = {"ts_type": "method=", "ts_rtol": "rtol=", "ts_atol": "atol=",
+             # the method's tableau: every one PETSc has a name in pnode's table
+             "ts_rk_type": "method= (e.g. 'dopri5', 'bs5', 'verner7')",
+             "ts_arkimex_type": "method='arkimex-...' (e.g. 'arkimex-4')",
+             "ts_theta_theta": "method='theta' with options['theta']",
+             "ts_theta_endpoint": "method='cn' (endpoint) or method='theta' (midpoint)",
              "ts_max_steps": "options['max_num_steps']", "ts_run_steps": "options['max_num_steps']",
              "ts_dt": "options['step_size'] or options['first_step']",
              "ts_time_step": "options['step_size'] or options['first_step']",
