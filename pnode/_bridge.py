@@ -21,11 +21,13 @@ from ._rhs import RHS, Tape
 class Run:
     """One call of odeint: the problem, its solver, and what backward needs."""
 
-    def __init__(self, cache, solver, parts, params, y0, times, config, stats, layout, grid=None):
+    def __init__(self, cache, solver, parts, params, y0, times, config, stats, layout, grid=None,
+                 current_params=None):
         self.cache = cache
         self.solver = solver
         self.parts = parts
         self.params = params
+        self.current_params = current_params  # func's parameters now, when they came from its modules
         self.layout = layout
         self.grid = grid              # pnode.Grid of a distributed state, else None
         self.dtype = y0.dtype
@@ -90,11 +92,33 @@ class Run:
         self.stats.backward_seconds = _time.perf_counter() - start
         return grad_y0, grad_p
 
+    def _check_same_parameters(self):
+        """Refuse to evaluate func again for the backward if its parameters are other tensors now.
+
+        In-place edits of a parameter are caught by autograd's version counter (the
+        parameters are saved for backward); a replaced submodule or a switched
+        requires_grad is not, and the re-evaluated f would use the new tensors while
+        the gradient goes to the old ones.
+        """
+        if self.current_params is None:
+            return
+        now = self.current_params()
+        if [id(p) for p in now] != [id(p) for p in self.params]:
+            raise RuntimeError(
+                "func's parameters changed between this call's forward and its backward (a submodule was "
+                "replaced, or a parameter's requires_grad switched): the backward evaluates func again "
+                f"(memory={self.config.memory!r}, checkpoints={self.config.checkpoints}, or a forward "
+                "recomputed because another call came in between) and would differentiate other tensors "
+                "than the forward used. Call backward before changing func")
+
     def backward(self, grad_ys):
         g = self.layout.to_flat(grad_ys.detach(), lead=1).to(dtype=PETSC_DTYPE, device="cpu")
         if self.config.checkpoints is not None:
+            self._check_same_parameters()
             return self._unflatten(*self._checkpointed_backward(g))
         solver = self.solver
+        if self.config.memory != "graphs" or solver.trajectory_owner is not self:
+            self._check_same_parameters()
         # Calls that differ only in tolerances share a solver; a later call's are set on it now.
         solver.config = self.config
         if solver.trajectory_owner is not self:
@@ -138,10 +162,12 @@ class PnodeFunction(torch.autograd.Function):
             # A view (of the stacked outputs, reshaped): autograd forbids editing in place a
             # view a Function returns (ys[0] = 0 raised), which torchdiffeq's outputs allow.
             ys = ys.clone()
-        # Saved only so that a second backward without retain_graph gets PyTorch's usual
-        # error: autograd frees saved tensors after the first one. Not ys: saving it
-        # would make an in-place edit of the outputs fail the backward.
-        ctx.save_for_backward(ys.new_empty(0))
+        # Saved only for autograd's checks: a second backward without retain_graph gets
+        # PyTorch's usual error (saved tensors are freed after the first one), and so does a
+        # backward after y0 or a parameter was edited in place (an optimizer step between
+        # two backwards): a backward that evaluates f again would use the edited values.
+        # Not ys: saving it would make an in-place edit of the outputs fail the backward.
+        ctx.save_for_backward(ys.new_empty(0), y0, *params)
         return ys
 
     @staticmethod

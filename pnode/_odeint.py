@@ -54,7 +54,36 @@ def _parameters(func, adjoint_params):
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             params.append(p)
+    _check_not_derived(params)
     return params
+
+
+def _check_not_derived(params):
+    """Refuse a listed tensor computed from another listed tensor.
+
+    pnode differentiates every listed tensor directly through f, and autograd then
+    carries the gradient of a listed non-leaf (``c = encoder(x)``) on into its
+    history: listing the encoder's parameters as well counted their gradient twice.
+    """
+    index = {id(p): i for i, p in enumerate(params)}
+    nodes = {p.grad_fn: i for i, p in enumerate(params) if p.grad_fn is not None}
+    for i, p in enumerate(params):
+        if p.grad_fn is None:
+            continue
+        seen, stack = set(), [fn for fn, _ in p.grad_fn.next_functions]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            j = nodes.get(node, index.get(id(getattr(node, "variable", None))))
+            if j is not None:
+                raise ValueError(
+                    f"adjoint_params[{i}] (shape {tuple(p.shape)}) is computed from adjoint_params[{j}] "
+                    f"(shape {tuple(params[j].shape)}): its gradient would reach adjoint_params[{j}] twice, "
+                    "once through f directly and once back through the computation. List the tensors f "
+                    "uses (a context vector), or the leaves they come from, not both")
+            stack.extend(fn for fn, _ in node.next_functions)
 
 
 class _SolverCache:
@@ -67,6 +96,17 @@ class _SolverCache:
 
     def __init__(self):
         self.solvers = OrderedDict()
+
+    # A copied or pickled module (an EMA copy, torch.save(model)) starts with no solvers and
+    # builds its own: PETSc objects cannot be copied or pickled.
+    def __deepcopy__(self, memo):
+        return _SolverCache()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
 
     def get(self, config, n, n_params, parts, n_times=None, grid=None):
         # PETSc 3.26's TSSetEvaluationTimes frees its arrays and writes into NULL when
@@ -95,7 +135,7 @@ def _cache_for(func):
         return _SolverCache()
 
 
-def _integrate(cache, func, y0, t, config, params, stats, grid):
+def _integrate(cache, func, y0, t, config, params, stats, grid, current_params=None):
     check_y0(y0)
     check_devices(y0, params)
     times = check_time(t, y0)
@@ -106,7 +146,7 @@ def _integrate(cache, func, y0, t, config, params, stats, grid):
     solver = cache.get(config, y0.numel(), sum(p.numel() for p in params), tuple(sorted(parts)),
                        len(times), grid)
     layout = FlatLayout(y0.shape) if grid is None else grid.layout
-    run = Run(cache, solver, parts, params, y0, times, config, stats, layout, grid)
+    run = Run(cache, solver, parts, params, y0, times, config, stats, layout, grid, current_params)
     try:
         if torch.is_grad_enabled() and (y0.requires_grad or params):
             return PnodeFunction.apply(run, y0, *params)
@@ -150,7 +190,8 @@ def odeint(func, y0, t, *, method="dopri5", rtol=1e-7, atol=1e-9, options=None,
     config = make_config(method, rtol, atol, options, petsc_options)
     params = _parameters(func, adjoint_params)
     stats = Stats()
-    ys = _integrate(_cache_for(func), func, y0, t, config, params, stats, grid)
+    current = (lambda: _parameters(func, None)) if adjoint_params is None else None
+    ys = _integrate(_cache_for(func), func, y0, t, config, params, stats, grid, current)
     return (ys, stats) if return_stats else ys
 
 
@@ -174,8 +215,8 @@ class NeuralODE(nn.Module):
         self._cache = _SolverCache()
 
     def forward(self, y0, t):
-        return _integrate(self._cache, self.func, y0, t, self.config,
-                          _parameters(self.func, None), self.stats, self.grid)
+        return _integrate(self._cache, self.func, y0, t, self.config, _parameters(self.func, None),
+                          self.stats, self.grid, lambda: _parameters(self.func, None))
 
     def extra_repr(self):
         c = self.config

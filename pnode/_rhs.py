@@ -72,10 +72,13 @@ def _warn_unlisted_leaves(out, y_in, params, parts):
         if isinstance(module, nn.Module):
             own.update(id(p) for p in module.parameters())
     known = own | {id(y_in)} | {id(p) for p in params}
+    # A listed non-leaf (a context vector, functional_call's tensors) gets its gradient from
+    # pnode, and autograd carries it on into its history: that history is not missed.
+    listed = {p.grad_fn for p in params if p.grad_fn is not None}
     unlisted, seen, stack = [], set(), [out.grad_fn]
     while stack:
         node = stack.pop()
-        if node is None or node in seen:
+        if node is None or node in seen or node in listed:
             continue
         seen.add(node)
         leaf = getattr(node, "variable", None)   # AccumulateGrad: a leaf that requires grad

@@ -47,6 +47,7 @@ class Solver:
         self.comm = comm if comm is not None else PETSc.COMM_SELF
         self.rhs = None
         self._views = {}
+        self._param_shapes = None   # of the parameters the "params" views were cut for
         self._pcache = None
         self.jac = {}     # part -> Jacobian shell context (set by build_ts)
         self.pjac = {}    # part -> parameter-Jacobian shell context
@@ -90,6 +91,16 @@ class Solver:
             t = torch.from_dlpack(vec.toDLPack("r"))
             self._views[key] = t
         return t
+
+    def _serve(self, rhs):
+        """Take ``rhs`` (one call's functions and parameters) for the solve that follows."""
+        shapes = [p.shape for p in rhs.params]
+        if shapes != self._param_shapes:
+            # The same parameter count cut another way (another subset of the model
+            # trained): views made for the old shapes would take the new gradients wrongly.
+            self._views = {k: v for k, v in self._views.items() if not (isinstance(k, tuple) and k[0] == "params")}
+            self._param_shapes = shapes
+        self.rhs = rhs
 
     def _param_views(self, vec):
         """Per-parameter views into a parameter-sized Vec, made once per Vec."""
@@ -283,7 +294,7 @@ class Solver:
 
     def forward(self, rhs, y0_flat, times, owner):
         """Integrate; return the states at ``times`` as a (len(times), n) tensor."""
-        self.rhs = rhs
+        self._serve(rhs)
         ts = self.ts
         self._pcache = None
         start = _time.perf_counter()
@@ -342,7 +353,7 @@ class Solver:
 
     def replay(self, rhs, y_start, first, t_start, t_end, sizes):
         """Integrate len(sizes) steps from (t_start, y_start) with exactly these step sizes."""
-        self.rhs = rhs
+        self._serve(rhs)
         ts = self.ts
         self._pcache = None
         self.u_view.copy_(y_start)
@@ -372,7 +383,7 @@ class Solver:
 
     def adjoint_steps(self, rhs, lam, nsteps):
         """Run TSAdjoint back over the last ``nsteps`` steps of the stored trajectory."""
-        self.rhs = rhs
+        self._serve(rhs)
         self.lam_view.copy_(lam)
         self.lam.stateIncrease()
         if self.n_params:
@@ -403,7 +414,7 @@ class Solver:
 
     def backward(self, rhs, grad_ys):
         """Given dL/dy(t_i) as a (len(times), n) tensor, return (dL/dy0, dL/dp)."""
-        self.rhs = rhs
+        self._serve(rhs)
         start = _time.perf_counter()
         self.lam_view.copy_(grad_ys[-1])
         self.lam.stateIncrease()

@@ -1,0 +1,156 @@
+"""What pnode differentiates, as a training loop changes it: parameters edited or replaced
+between a forward and its backward, another subset trained from one call to the next,
+tensors derived from other listed tensors, and copies of a used module.
+
+References are torchdiffeq-style backprop through the same scheme (tests/reference).
+"""
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import pnode
+from reference.rk import explicit_rk
+
+T = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+STEPS = [0.1 * k for k in range(11)]
+RK4 = dict(method="rk4", options={"step_size": 0.1})
+# Backwards that evaluate f again: memory='states', a checkpoint budget, a recomputed forward.
+RECOMPUTING = [{"memory": "states"}, {"checkpoints": 2}]
+
+
+class Two(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.l1 = nn.Linear(2, 8).double()
+        self.l2 = nn.Linear(8, 2).double()
+
+    def forward(self, t, y):
+        return self.l2(torch.tanh(self.l1(y)))
+
+
+def y0_():
+    return torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+def rk4(memory_options, **kw):
+    return dict(method="rk4", options={"step_size": 0.1, **memory_options}, **kw)
+
+
+@pytest.mark.parametrize("memory_options", [{}] + RECOMPUTING)
+def test_parameter_edited_between_forward_and_backward_raises(memory_options):
+    """An optimizer step between the forward and a (second) backward: torch and torchdiffeq
+    raise; pnode's recomputing backwards used the edited weights silently (37% off)."""
+    func = Two()
+    ys = pnode.odeint(func, y0_(), T, **rk4(memory_options))
+    ys.sum().backward(retain_graph=True)
+    with torch.no_grad():
+        func.l1.weight.mul_(1.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        ys.sum().backward()
+
+
+def test_y0_edited_between_forward_and_backward_raises():
+    y0 = y0_().requires_grad_()
+    base = y0 * 1.0
+    ys = pnode.odeint(Two(), base, T, **rk4({"memory": "states"}))
+    with torch.no_grad():
+        base.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        ys.sum().backward()
+
+
+@pytest.mark.parametrize("memory_options", RECOMPUTING)
+@pytest.mark.parametrize("change", ["replace a submodule", "freeze a parameter"])
+def test_parameters_changed_between_forward_and_backward_raise(memory_options, change):
+    """A recomputing backward evaluated f with the new module and gave the old parameters zero."""
+    func = Two()
+    ys = pnode.NeuralODE(func, **rk4(memory_options))(y0_(), T)
+    if change == "replace a submodule":
+        func.l2 = nn.Linear(8, 2).double()
+    else:
+        func.l1.bias.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="func's parameters changed between this call's forward and its"):
+        ys.sum().backward()
+
+
+def test_replaced_submodule_is_fine_when_the_backward_uses_the_forward_graphs():
+    func = Two()
+    old = list(func.parameters())
+    ys = pnode.odeint(func, y0_(), T, **RK4)
+    want = torch.autograd.grad(explicit_rk(func, y0_(), "4", STEPS)[[0, 5, 10]].sum(), old)
+    func.l2 = nn.Linear(8, 2).double()
+    got = torch.autograd.grad(ys.sum(), old)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("memory_options", [{}] + RECOMPUTING)
+def test_training_another_subset_of_the_same_size(memory_options):
+    """Progressive unfreezing: l1.weight (8x2) trained, then l2.weight (2x8). The cached
+    solver cut its parameter Vec for the first shapes: a shape error in the backward."""
+    func = Two()
+    node = pnode.NeuralODE(func, **rk4(memory_options))
+    for trained in (func.l1.weight, func.l2.weight, func.l1.weight):
+        for p in func.parameters():
+            p.requires_grad_(p is trained)
+            p.grad = None
+        node(y0_(), T).pow(2).sum().backward()
+        ref = explicit_rk(func, y0_(), "4", STEPS)[[0, 5, 10]]
+        want, = torch.autograd.grad(ref.pow(2).sum(), trained)
+        torch.testing.assert_close(trained.grad, want, rtol=1e-12, atol=1e-14)
+
+
+def test_context_vector_listed_gets_its_gradient_without_a_warning():
+    """The warning about unlisted tensors looked through a listed non-leaf into its history
+    (an encoder's parameters) and said they got no gradient; they did, through autograd."""
+    enc, func = nn.Linear(3, 2).double(), Two()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    c = enc(x)
+
+    def f(t, y):
+        return func(t, y) + c
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ys = pnode.odeint(f, y0_(), T, **RK4, adjoint_params=(c, *func.parameters()))
+    got = torch.autograd.grad(ys.pow(2).sum(), list(enc.parameters()), retain_graph=True)
+    ref = explicit_rk(f, y0_(), "4", STEPS)[[0, 5, 10]]
+    want = torch.autograd.grad(ref.pow(2).sum(), list(enc.parameters()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_listing_a_tensor_and_what_it_is_computed_from_is_refused():
+    """c = enc(x) and enc's parameters both listed: the encoder's gradient came out 2x."""
+    enc, func = nn.Linear(3, 2).double(), Two()
+    c = enc(torch.randn(3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"adjoint_params\[0\] \(shape \(3, 2\)\) is computed from "
+                                         r"adjoint_params\[1\] \(shape \(2, 3\)\)"):
+        pnode.odeint(lambda t, y: func(t, y) + c, y0_(), T, **RK4,
+                     adjoint_params=(c, *enc.parameters(), *func.parameters()))
+
+
+def test_a_used_module_can_be_copied_and_saved():
+    """deepcopy (an EMA copy) and torch.save of a model holding a NeuralODE that has run:
+    "cannot pickle 'petsc4py.PETSc.Comm' object". The copy builds its own solvers."""
+    model = nn.Sequential()
+    model.node = pnode.NeuralODE(Two(), **RK4)
+    y0 = y0_()
+    want = model.node(y0, T)
+    twin = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (twin, loaded):
+        got = other.node(y0, T)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        g_other = torch.autograd.grad(got.sum(), list(other.node.func.parameters()))
+        g_model = torch.autograd.grad(model.node(y0, T).sum(), list(model.node.func.parameters()))
+        for a, b in zip(g_other, g_model):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
