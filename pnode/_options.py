@@ -19,7 +19,7 @@ MEMORY_MODES = ("graphs", "states")
 JACOBIANS = ("blockdiag", "dense", "matrix-free", "colored")
 # Preconditioners built from products with the operator alone: what PETSc can do with
 # pnode's shell Jacobians ('blockdiag' under a user's pc_type, and 'matrix-free').
-_MATRIX_FREE_PCS = ("none", "shell", "python", "mat", "ksp", "composite")
+_MATRIX_FREE_PCS = ("none", "mat", "ksp", "composite")
 
 _OPTION_DOCS = {
     "step_size": "fixed step size (a positive float); the last step before each output time is shortened",
@@ -31,7 +31,8 @@ _OPTION_DOCS = {
     "checkpoints": "keep at most this many states (>= 1, y0 included) and recompute the rest in the "
                    "backward by the binomial (revolve) schedule; default: store everything",
     "jacobian": f"Newton-Krylov Jacobian of implicit methods: one of {JACOBIANS} (default: 'blockdiag' "
-                "for a batch y0 of 2+ dims, 'dense' for a 1-D y0 of up to 256 entries, else 'matrix-free'; "
+                "for a batch y0 of 2+ dims with up to 256 entries per sample, 'dense' for a 1-D y0 of up "
+                "to 256 entries, else 'matrix-free'; "
                 "with a pnode.Grid, 'colored': the stencil's sparse Jacobian assembled from JVPs by "
                 "graph colouring, preconditioned by block Jacobi/ILU across ranks)",
 }
@@ -98,9 +99,14 @@ class Config:
         if self.jacobian == "colored":
             raise ValueError("options['jacobian']='colored' needs the stencil of a pnode.Grid (grid=...); "
                              "without one use 'blockdiag', 'dense' or 'matrix-free'")
+        if self.jacobian == "blockdiag" and y0.dim() == 0:
+            raise ValueError("options['jacobian']='blockdiag' needs a batch dimension (y0 of 1+ dims, samples "
+                             "first); y0 is 0-d: use 'dense'")
         if self.jacobian is not None:
             return self
-        if y0.dim() >= 2 and y0.shape[0] > 1:
+        # blockdiag costs d VJPs per Newton step and batch * d^2 entries: for per-sample
+        # states of more than 256 (images) it was 100x slower than matrix-free.
+        if y0.dim() >= 2 and y0.shape[0] > 1 and y0[0].numel() <= 256:
             jacobian = "blockdiag"
         elif y0.numel() <= 256:
             jacobian = "dense"

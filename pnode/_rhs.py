@@ -92,6 +92,32 @@ def _warn_unlisted_leaves(out, y_in, params, parts):
                       "or pass adjoint_params=(...) including them", stacklevel=2)
 
 
+def _not_twice_differentiable(detail):
+    return RHSError(
+        f"func is not twice differentiable ({detail}), and Newton-Krylov's Jacobian-vector products "
+        "differentiate a VJP of func (the 'blockdiag' and 'matrix-free' Jacobians, and a Grid's "
+        "'colored' one). Use options['jacobian']='dense' (Jacobian rows from VJPs only; small states), "
+        "or write func with twice-differentiable operations")
+
+
+def _check_twice_differentiable(g):
+    """Raise if g = (df/dy)^T u silently lost terms that depend on u.
+
+    A custom autograd.Function marked @once_differentiable leaves an Error node that
+    autograd only trips over when it is reached; differentiating g with respect to u does
+    not reach it, so its terms were dropped from J v and Newton ran with a wrong Jacobian.
+    """
+    seen, stack = set(), [g.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node.name() == "torch::autograd::Error":
+            raise _not_twice_differentiable("its graph holds a backward marked @once_differentiable")
+        stack.extend(fn for fn, _ in node.next_functions)
+
+
 class _Entry:
     __slots__ = ("part", "handle", "time", "seen", "y_in", "out")
 
@@ -208,6 +234,7 @@ class RHS:
         self._graph = None            # ((part, point key), [y_in, out, u, g]) at PETSc's last point
         self._output_views = {}       # id(flat) -> (flat, layout.output(flat)), see output_view
         self._leaves_checked = False
+        self._second_order_checked = False
 
     # -- evaluation -----------------------------------------------------------------
     def user_time(self, s):
@@ -372,8 +399,20 @@ class RHS:
             u = torch.zeros_like(out, requires_grad=True)
             with torch.enable_grad():
                 g, = torch.autograd.grad(out, y_in, u, create_graph=True, allow_unused=True)
+            if g is not None and not self._second_order_checked:
+                self._second_order_checked = True   # once per call: the graph's ops do not change
+                _check_twice_differentiable(g)
             graph[2], graph[3] = u, g
         return graph[2], graph[3]
+
+    @staticmethod
+    def _differentiate_vjp(g, u, v, batched):
+        try:
+            jv, = torch.autograd.grad(g, u, v, retain_graph=True, allow_unused=not batched,
+                                      is_grads_batched=batched)
+        except NotImplementedError as exc:   # an op with no double backward (torch.cdist)
+            raise _not_twice_differentiable(f"torch: {exc}") from exc
+        return jv
 
     def jvp(self, part, point, y_flat, v_flat):
         """J v = sign * df/dy v at PETSc's point, by the double-VJP trick.
@@ -386,7 +425,7 @@ class RHS:
         v = self._model_input(v_flat, copy=False)
         jv = None
         if g is not None and g.requires_grad:
-            jv, = torch.autograd.grad(g, u, v, retain_graph=True, allow_unused=True)
+            jv = self._differentiate_vjp(g, u, v, batched=False)
         if jv is None:  # f does not depend on y
             jv = torch.zeros_like(u)
         return -jv if self.sign < 0 else jv
@@ -396,7 +435,7 @@ class RHS:
         u, g = self._linearisation(part, point, y_flat)
         if g is None or not g.requires_grad:
             return torch.zeros(len(directions), *u.shape, dtype=u.dtype, device=u.device)
-        jv, = torch.autograd.grad(g, u, directions, retain_graph=True, is_grads_batched=True)
+        jv = self._differentiate_vjp(g, u, directions, batched=True)
         return -jv if self.sign < 0 else jv
 
     def jacobian_blocks(self, part, point, y_flat):
