@@ -135,7 +135,63 @@ def _cache_for(func):
         return _SolverCache()
 
 
+class _Packed:
+    """A tuple state as one flat tensor, the way torchdiffeq integrates ``y0=(a, b, ...)``.
+
+    func keeps seeing (and returning) the tuple; PETSc sees the concatenation, so every
+    method and Jacobian choice applies (a 1-D state: 'dense' or 'matrix-free').
+    """
+
+    def __init__(self, y0):
+        for i, y in enumerate(y0):
+            if not isinstance(y, torch.Tensor):
+                raise TypeError(f"y0[{i}] must be a torch.Tensor, got {type(y).__name__}")
+        if len({(y.dtype, y.device) for y in y0}) > 1:
+            raise ValueError("the tensors of a tuple y0 must share one dtype and device, got "
+                             f"{[(y.dtype, str(y.device)) for y in y0]}")
+        self.shapes = [y.shape for y in y0]
+        self.sizes = [y.numel() for y in y0]
+
+    def pack(self, ys):
+        return torch.cat([y.reshape(-1) for y in ys])
+
+    def unpack(self, flat):
+        """A (..., n) tensor as a tuple shaped like y0, with the leading dimensions kept."""
+        lead = flat.shape[:-1]
+        return tuple(part.reshape(*lead, *shape)
+                     for part, shape in zip(flat.split(self.sizes, dim=-1), self.shapes))
+
+    def wrap(self, f):
+        def packed(t, y):
+            out = f(t, self.unpack(y))
+            if not isinstance(out, (tuple, list)) or len(out) != len(self.shapes):
+                raise TypeError(f"func must return a tuple of {len(self.shapes)} tensors for a tuple y0, "
+                                f"got {type(out).__name__}")
+            return self.pack(out)
+        return packed
+
+    def wrap_func(self, func, method):
+        if method.kind == "imex":
+            if isinstance(func, (tuple, list)):
+                return tuple(self.wrap(f) for f in func)
+            if callable(getattr(func, "nonstiff", None)) and callable(getattr(func, "stiff", None)):
+                return _Split(self.wrap(func.nonstiff), self.wrap(func.stiff))
+        return self.wrap(func)
+
+
+class _Split:
+    def __init__(self, nonstiff, stiff):
+        self.nonstiff, self.stiff = nonstiff, stiff
+
+
 def _integrate(cache, func, y0, t, config, params, stats, grid, current_params=None):
+    if isinstance(y0, tuple):
+        if grid is not None:
+            raise TypeError("a tuple y0 cannot be spread over a pnode.Grid; pass the field as one tensor")
+        packed = _Packed(y0)
+        ys = _integrate(cache, packed.wrap_func(func, config.method), packed.pack(y0), t, config, params, stats, None,
+                        current_params)
+        return packed.unpack(ys)
     check_y0(y0)
     check_devices(y0, params)
     times = check_time(t, y0)
@@ -157,8 +213,27 @@ def _integrate(cache, func, y0, t, config, params, stats, grid, current_params=N
         raise
 
 
+# torchdiffeq keywords that have no meaning for a discrete adjoint, with what to do instead.
+_TORCHDIFFEQ_ONLY = {
+    "adjoint_rtol": "pnode's discrete adjoint runs back over the forward's own steps, with no tolerances of "
+                    "its own: drop it",
+    "adjoint_atol": "pnode's discrete adjoint runs back over the forward's own steps, with no tolerances of "
+                    "its own: drop it",
+    "adjoint_method": "the adjoint of pnode's forward method is that method's discrete adjoint: drop it",
+    "adjoint_options": "the adjoint takes the forward's steps: drop it (options= sets the forward's)",
+    "event_fn": "pnode has no event handling: integrate to a fixed t and locate the event afterwards",
+}
+
+
+def _refuse_unknown(kwargs):
+    for key in kwargs:
+        if key in _TORCHDIFFEQ_ONLY:
+            raise TypeError(f"odeint got torchdiffeq's {key}=: {_TORCHDIFFEQ_ONLY[key]}")
+        raise TypeError(f"odeint got an unexpected keyword argument {key!r}")
+
+
 def odeint(func, y0, t, *, method="dopri5", rtol=1e-7, atol=1e-9, options=None,
-           adjoint_params=None, petsc_options=None, grid=None, return_stats=False):
+           adjoint_params=None, petsc_options=None, grid=None, return_stats=False, **kwargs):
     """Solve dy/dt = func(t, y) from y(t[0]) = y0 and return y at every time in ``t``.
 
     A drop-in for ``torchdiffeq.odeint`` / ``odeint_adjoint``: returns a tensor of
@@ -170,9 +245,11 @@ def odeint(func, y0, t, *, method="dopri5", rtol=1e-7, atol=1e-9, options=None,
         func: ``nn.Module`` or callable ``f(t, y)`` returning dy/dt shaped like ``y``. For
             IMEX methods (``arkimex*``): a pair ``(nonstiff, stiff)`` or an object with
             ``nonstiff(t, y)`` and ``stiff(t, y)`` methods; a single func runs fully implicit.
-        y0: initial state, any shape, float32 or float64.
+        y0: initial state, any shape, float32 or float64; or a tuple of such tensors (then
+            func takes and returns tuples, and so does odeint), as in torchdiffeq.
         t: 1-D tensor of strictly increasing or strictly decreasing output times.
-        method: one of ``pnode.METHODS`` (for example ``"dopri5"``, ``"rk4"``, ``"beuler"``).
+        method: one of ``pnode.METHODS`` (for example ``"dopri5"``, ``"rk4"``, ``"beuler"``);
+            None is ``"dopri5"``, as in torchdiffeq.
         rtol, atol: tolerances of adaptive methods.
         options: ``step_size``, ``first_step``, ``max_num_steps``, ``max_rejections``,
             ``memory`` (``"graphs"``: keep each stage's autograd graph, fastest;
@@ -187,6 +264,7 @@ def odeint(func, y0, t, *, method="dopri5", rtol=1e-7, atol=1e-9, options=None,
             every rank gets the full parameter gradient (summed over ranks once per backward).
         return_stats: also return a :class:`pnode.Stats` (filled in by backward too).
     """
+    _refuse_unknown(kwargs)
     config = make_config(method, rtol, atol, options, petsc_options)
     params = _parameters(func, adjoint_params)
     stats = Stats()
@@ -206,15 +284,20 @@ class NeuralODE(nn.Module):
     """
 
     def __init__(self, func, method="dopri5", rtol=1e-7, atol=1e-9, options=None,
-                 petsc_options=None, grid=None):
+                 petsc_options=None, grid=None, adjoint_params=None):
         super().__init__()
         self.func = func
         self.grid = grid
         self.config = make_config(method, rtol, atol, options, petsc_options)
+        self.adjoint_params = None if adjoint_params is None else tuple(adjoint_params)
+        _parameters(func, self.adjoint_params)   # a plain callable without adjoint_params fails here, not later
         self.stats = Stats()
         self._cache = _SolverCache()
 
     def forward(self, y0, t):
+        if self.adjoint_params is not None:
+            return _integrate(self._cache, self.func, y0, t, self.config,
+                              _parameters(self.func, self.adjoint_params), self.stats, self.grid)
         return _integrate(self._cache, self.func, y0, t, self.config, _parameters(self.func, None),
                           self.stats, self.grid, lambda: _parameters(self.func, None))
 

@@ -139,7 +139,7 @@ def _petsc_options(petsc_options):
 
 
 def make_config(method, rtol, atol, options, petsc_options):
-    m = get_method(method)
+    m = get_method("dopri5" if method is None else method)   # None: torchdiffeq's default
     rtol = _positive("rtol", rtol)
     atol = _positive("atol", atol)
     options = dict(options or {})
@@ -156,6 +156,10 @@ def make_config(method, rtol, atol, options, petsc_options):
                                  "magnitudes, the direction of integration comes from t (pass a "
                                  f"decreasing t to integrate backwards, and options['{key}']={-value!r})")
             kw[key] = _positive(f"options['{key}']", value)
+    if "first_step" in kw and ("step_size" in kw or not m.embedded):
+        raise ValueError("options['first_step'] starts adaptive steps, but "
+                         + ("options['step_size'] fixes them: drop one of the two" if m.embedded else
+                            f"method {m.name!r} takes fixed steps: use options['step_size']"))
     for key in ("max_num_steps", "max_rejections", "checkpoints"):
         if key in options:
             value = options[key]
@@ -323,7 +327,11 @@ def check_time(t, y0):
 
 def check_y0(y0):
     if not isinstance(y0, torch.Tensor):
-        raise TypeError(f"y0 must be a torch.Tensor, got {type(y0).__name__}")
+        raise TypeError(f"y0 must be a torch.Tensor or a tuple of them, got {type(y0).__name__}")
+    if torch._C._functorch.is_functorch_wrapped_tensor(y0):
+        raise TypeError("y0 is a torch.func transform's tensor (vmap, grad, jacrev, ...): pnode hands concrete "
+                        "tensors to PETSc and cannot run under these transforms; batch along y0's first "
+                        "dimension instead of vmap, and use loss.backward() / torch.autograd.grad")
     if y0.numel() == 0:
         raise ValueError(f"y0 is empty (shape {tuple(y0.shape)})")
     if y0.is_complex():

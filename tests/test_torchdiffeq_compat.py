@@ -1,0 +1,136 @@
+"""What a torchdiffeq user brings along: tuple states, method=None, odeint_adjoint's
+keywords, plain callables in the module wrapper, torch.func transforms. Each either works
+like torchdiffeq or is refused with a message that says what to do instead."""
+
+import re
+
+import pytest
+import torch
+import torchdiffeq
+from torch import nn
+
+import pnode
+
+T = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+RK4 = dict(method="rk4", options={"step_size": 0.05})
+# torchdiffeq's rk4 is the 3/8 rule, PETSc's the classical one; their midpoints are the same scheme
+MIDPOINT = dict(method="midpoint", options={"step_size": 0.05})
+
+
+class Coupled(nn.Module):
+    """Position and velocity of different shapes, each rate depending on both."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(2, 2).double()
+        self.b = nn.Linear(3, 3).double()
+
+    def forward(self, t, state):
+        x, v = state
+        return torch.tanh(self.a(x)) + v[:, :2], self.b(v) * torch.cos(t) - x.mean()
+
+
+def _state():
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(4, 2, dtype=torch.float64, generator=g).requires_grad_(),
+            torch.randn(4, 3, dtype=torch.float64, generator=g).requires_grad_())
+
+
+def _loss(ys):
+    return sum((y ** 2).sum() + y[-1].sum() for y in ys)
+
+
+def test_tuple_state_matches_torchdiffeq():
+    func, state = Coupled(), _state()
+    ys = pnode.odeint(func, state, T, **MIDPOINT)
+    ref = torchdiffeq.odeint(func, state, T, **MIDPOINT)
+    assert isinstance(ys, tuple) and [y.shape for y in ys] == [(3, 4, 2), (3, 4, 3)]
+    inputs = [*state, *func.parameters()]
+    got, want = torch.autograd.grad(_loss(ys), inputs), torch.autograd.grad(_loss(ref), inputs)
+    for a, b in zip(ys, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method, options", [("beuler", {"step_size": 0.1}), ("dopri5", {}),
+                                             ("arkimex", {"step_size": 0.1})])
+def test_tuple_state_equals_the_state_packed_by_hand(method, options):
+    func, state = Coupled(), _state()
+
+    def packed(t, y):
+        return torch.cat([z.reshape(-1) for z in func(t, (y[:8].view(4, 2), y[8:].view(4, 3)))])
+    params = list(func.parameters())
+    ys = pnode.odeint(func, state, T, method=method, options=options)
+    flat = pnode.odeint(packed, torch.cat([s.reshape(-1) for s in state]), T, method=method,
+                        options=options, adjoint_params=params)
+    torch.testing.assert_close(torch.cat([y.reshape(3, -1) for y in ys], 1), flat, rtol=0, atol=0)
+    inputs = [*state, *params]
+    got = torch.autograd.grad(_loss(ys), inputs)
+    want = torch.autograd.grad(_loss((flat[:, :8].reshape(3, 4, 2), flat[:, 8:].reshape(3, 4, 3))), inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+def test_tuple_state_in_the_module_wrapper_and_bad_tuples():
+    func, state = Coupled(), _state()
+    ys = pnode.NeuralODE(func, **RK4)(state, T)
+    torch.testing.assert_close(ys[1], pnode.odeint(func, state, T, **RK4)[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="must share one dtype and device"):
+        pnode.odeint(func, (state[0], state[1].float()), T, **RK4)
+    with pytest.raises(pnode.RHSError, match="must return a tuple of 2 tensors for a tuple y0, got Tensor"):
+        pnode.odeint(lambda t, y: y[0], state, T, **RK4, adjoint_params=())
+
+
+def test_method_none_is_dopri5():
+    y0 = torch.ones(2, dtype=torch.float64)
+    torch.testing.assert_close(pnode.odeint(lambda t, y: -y, y0, T, method=None, adjoint_params=()),
+                               pnode.odeint(lambda t, y: -y, y0, T, method="dopri5", adjoint_params=()))
+
+
+@pytest.mark.parametrize("key, words", [("adjoint_rtol", "no tolerances of its own: drop it"),
+                                        ("adjoint_atol", "no tolerances of its own"),
+                                        ("adjoint_method", "discrete adjoint"),
+                                        ("adjoint_options", "options= sets the forward's"),
+                                        ("event_fn", "no event handling"),
+                                        ("rotl", "unexpected keyword argument 'rotl'")])
+def test_odeint_adjoint_keywords(key, words):
+    """They were a bare "got an unexpected keyword argument" that did not say they can go."""
+    with pytest.raises(TypeError, match=re.escape(words)):
+        pnode.odeint_adjoint(lambda t, y: -y, torch.ones(2, dtype=torch.float64), T, adjoint_params=(),
+                             **{key: 1e-6})
+
+
+def test_module_wrapper_takes_a_callable_with_adjoint_params():
+    """NeuralODE(callable) failed only at its first call, asking for an adjoint_params it had no way to take."""
+    with pytest.raises(ValueError, match="pass adjoint_params="):
+        pnode.NeuralODE(lambda t, y: -y)
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    node = pnode.NeuralODE(lambda t, y: -w * y, adjoint_params=iter([w]), **RK4)
+    y = node(torch.ones(2, dtype=torch.float64), T)
+    y[-1].sum().backward()
+    # d/dw of 2 exp(-w): the rk4 solution is accurate to 1e-7 at this step
+    torch.testing.assert_close(w.grad, -2 * torch.exp(-w.detach()), rtol=1e-6, atol=0)
+    node(torch.ones(2, dtype=torch.float64), T)[-1].sum().backward()   # the iterator was kept as a tuple
+    torch.testing.assert_close(w.grad, -4 * torch.exp(-w.detach()), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("method, options, words", [
+    ("rk4", {"first_step": 0.01}, "method 'rk4' takes fixed steps: use options['step_size']"),
+    ("dopri5", {"first_step": 0.01, "step_size": 0.1}, "options['step_size'] fixes them: drop one")])
+def test_first_step_that_would_be_ignored(method, options, words):
+    """rk4 with first_step=0.01 took its two 0.5 steps, silently."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        pnode.odeint(lambda t, y: -y, torch.ones(2, dtype=torch.float64), T, method=method, options=options,
+                     adjoint_params=())
+
+
+def test_torch_func_transforms_are_refused():
+    """vmap failed with "data-dependent control flow" from a check of y0's values."""
+    def solve(y0):
+        return pnode.odeint(lambda t, y: -y, y0, T, adjoint_params=())[-1]
+    with pytest.raises(TypeError, match="torch.func transform's tensor"):
+        torch.vmap(solve)(torch.ones(3, 2, dtype=torch.float64))
+    with pytest.raises(TypeError, match="batch along y0's first dimension"):
+        torch.func.grad(lambda y0: solve(y0).sum())(torch.ones(2, dtype=torch.float64))
