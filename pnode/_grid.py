@@ -70,19 +70,12 @@ class Grid:
         self.periodic = tuple(b == "periodic" for b in boundaries)
         self.stencil = stencil
         self.comm = comm
-        # PETSc orders dimensions x, y, z: the reverse of tensor order.
-        PETSc.Sys.pushErrorHandler("python")  # PETSc's words in the exception, not on stderr
-        try:
-            self.da = PETSc.DMDA().create(
-                dim=len(shape), dof=self.dof, sizes=shape[::-1], stencil_width=self.stencil_width,
-                boundary_type=tuple(_BOUNDARIES[b] for b in boundaries[::-1]),
-                stencil_type=_STENCILS[stencil], comm=comm)
-        except PETSc.Error as exc:
-            raise ValueError(f"PETSc cannot lay out a grid of shape {shape} (stencil width "
-                             f"{self.stencil_width}) on {comm.getSize()} ranks: "
-                             f"{petsc_message(exc) or exc}; use a larger grid or fewer ranks") from None
-        finally:
-            PETSc.Sys.popErrorHandler()
+        if comm.getSize() > 1:
+            # A rank that raises would leave its neighbours waiting in a ghost exchange.
+            from .distributed import abort_on_error
+            abort_on_error()
+            self._check_blocks_cover_the_stencil()
+        self.da = self._create(self.stencil_width)
         self.start = tuple(a for a, _ in self.da.getRanges()[::-1])
         self.stop = tuple(b for _, b in self.da.getRanges()[::-1])
         self.ghost_start = tuple(a for a, _ in self.da.getGhostRanges()[::-1])
@@ -91,10 +84,46 @@ class Grid:
         self.owned_shape = (self.dof,) + owned
         self.ghosted_shape = (self.dof,) + ghosted
         self.layout = GridLayout(self.owned_shape, self.ghosted_shape)
-        if comm.getSize() > 1:
-            # A rank that raises would leave its neighbours waiting in a ghost exchange.
-            from .distributed import abort_on_error
-            abort_on_error()
+
+    def _create(self, stencil_width):
+        # PETSc orders dimensions x, y, z: the reverse of tensor order.
+        PETSc.Sys.pushErrorHandler("python")  # PETSc's words in the exception, not on stderr
+        try:
+            return PETSc.DMDA().create(
+                dim=len(self.shape), dof=self.dof, sizes=self.shape[::-1], stencil_width=stencil_width,
+                boundary_type=tuple(_BOUNDARIES[b] for b in self.boundary[::-1]),
+                stencil_type=_STENCILS[self.stencil], comm=self.comm)
+        except PETSc.Error as exc:
+            raise ValueError(self._cannot_lay_out(petsc_message(exc) or exc)) from None
+        finally:
+            PETSc.Sys.popErrorHandler()
+
+    def _cannot_lay_out(self, why):
+        return (f"PETSc cannot lay out a grid of shape {self.shape} (stencil width {self.stencil_width}) "
+                f"on {self.comm.getSize()} ranks: {why}; use a larger grid, fewer ranks or a smaller stencil")
+
+    def _check_blocks_cover_the_stencil(self):
+        """Raise the same ValueError on every rank when some rank's block is narrower than the stencil.
+
+        PETSc checks that on each rank alone, inside the DMDA's creation: the rank that
+        raised left the others in the creation's collectives, and the job hung. Blocks
+        do not depend on the stencil width, so a DMDA without one shows them.
+        """
+        probe = self._create(0)
+        try:
+            widths = np.array([b - a for a, b in probe.getRanges()], dtype=np.int64)   # x, y, z
+            ranks = probe.getProcSizes()
+        finally:
+            probe.destroy()
+        from mpi4py import MPI
+        narrowest = np.empty_like(widths)
+        self.comm.tompi4py().Allreduce(widths, narrowest, op=MPI.MIN)
+        for axis, width, count, periodic in zip("xyz", narrowest, ranks, self.periodic[::-1]):
+            # PETSc's own condition: one rank along a non-periodic axis needs no neighbours' points
+            if width < self.stencil_width and (count > 1 or periodic):
+                raise ValueError(self._cannot_lay_out(
+                    f"the narrowest rank's block is {width} points wide along {axis} (tensor dimension "
+                    f"{len(self.shape) - 1 - 'xyz'.index(axis)}), less than the stencil width"))
 
     def __repr__(self):
         return (f"Grid(shape={self.shape}, dof={self.dof}, stencil_width={self.stencil_width}, "
@@ -147,6 +176,10 @@ class Grid:
                              f"{y0.dtype} on {y0.device}; cast inside func if the model differs")
         if len(set(self.comm.tompi4py().allgather(tuple(times)))) != 1:
             raise ValueError("t differs between ranks: every rank must pass the same output times")
+        # Every rank is here on every call: the place to destroy dropped solvers. petsc4py
+        # only parks a parallel object Python frees (its destruction is collective), so
+        # evicted solvers and those of throwaway closures piled up (+300 MB per 100 calls).
+        PETSc.garbage_cleanup(self.comm)
 
     def _make_solver(self, config, n_params, parts):
         return GridSolver(config, int(np.prod(self.owned_shape)), n_params, parts, self.comm, self)

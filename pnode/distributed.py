@@ -71,10 +71,19 @@ def allreduce_(tensors, communicator=None):
 
 
 def allreduce_gradients(parameters, communicator=None):
-    """Sum ``p.grad`` over all ranks for every parameter (a module or an iterable)."""
+    """Sum ``p.grad`` over all ranks for every parameter that requires grad (a module or an iterable).
+
+    A parameter this rank's shard never used has ``grad = None``; it becomes zeros, as in
+    DistributedDataParallel. Dropped instead, it shifted the flat buffer on this rank only:
+    another parameter's gradient was summed into it, or the allreduce aborted the job.
+    """
     if isinstance(parameters, torch.nn.Module):
         parameters = parameters.parameters()
-    return allreduce_([p.grad for p in parameters], communicator)
+    trained = [p for p in parameters if p.requires_grad]
+    for p in trained:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return allreduce_([p.grad for p in trained], communicator)
 
 
 def abort_on_error():
