@@ -107,23 +107,18 @@ class Grid:
 
         PETSc checks that on each rank alone, inside the DMDA's creation: the rank that
         raised left the others in the creation's collectives, and the job hung. Blocks
-        do not depend on the stencil width, so a DMDA without one shows them.
+        do not depend on the stencil width, so a DMDA without one shows every rank's.
         """
         probe = self._create(0)
-        try:
-            widths = np.array([b - a for a, b in probe.getRanges()], dtype=np.int64)   # x, y, z
-            ranks = probe.getProcSizes()
-        finally:
-            probe.destroy()
-        from mpi4py import MPI
-        narrowest = np.empty_like(widths)
-        self.comm.tompi4py().Allreduce(widths, narrowest, op=MPI.MIN)
-        for axis, width, count, periodic in zip("xyz", narrowest, ranks, self.periodic[::-1]):
-            # PETSc's own condition: one rank along a non-periodic axis needs no neighbours' points
-            if width < self.stencil_width and (count > 1 or periodic):
+        widths = probe.getOwnershipRanges()   # every rank's block widths along x, y, z
+        probe.destroy()
+        for axis, along in enumerate(widths):
+            # Along an axis one rank spans, every block is the whole axis and PETSc's verdict
+            # is the same on every rank (it accepts a periodic z of one plane, for instance).
+            if len(along) > 1 and min(along) < self.stencil_width:
                 raise ValueError(self._cannot_lay_out(
-                    f"the narrowest rank's block is {width} points wide along {axis} (tensor dimension "
-                    f"{len(self.shape) - 1 - 'xyz'.index(axis)}), less than the stencil width"))
+                    f"the narrowest rank's block is {min(along)} points wide along {'xyz'[axis]} (tensor "
+                    f"dimension {len(self.shape) - 1 - axis}), less than the stencil width"))
 
     def __repr__(self):
         return (f"Grid(shape={self.shape}, dof={self.dof}, stencil_width={self.stencil_width}, "

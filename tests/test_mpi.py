@@ -47,3 +47,4 @@ def test_grid_too_small_for_its_ranks_fails_on_every_rank():
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("less than the stencil width") == 3, out.stdout + out.stderr
     assert out.stdout.count("past the barrier") == 3, out.stdout + out.stderr
+    assert out.stdout.count("built a plane") == 3, out.stdout + out.stderr

@@ -1,6 +1,8 @@
 """Run under `mpiexec -n 3`: a grid of 5 points with stencil width 2 leaves one rank a
 block of 1 point. PETSc found that on that rank alone, inside the DMDA's creation, and the
-other ranks waited there forever; every rank must get the ValueError and go on."""
+other ranks waited there forever; every rank must get the ValueError and go on. A 3-D grid
+of one periodic plane, which PETSc lays out with a stencil wider than the plane, must still
+build."""
 
 import pnode
 from pnode._petsc import PETSc
@@ -12,3 +14,5 @@ except ValueError as exc:
     print(f"rank {rank}: ValueError {exc}", flush=True)
 PETSc.COMM_WORLD.barrier()
 print(f"rank {rank}: past the barrier", flush=True)
+plane = pnode.Grid((1, 6, 9), dof=1, stencil_width=2)
+print(f"rank {rank}: built a plane, ghosted block {plane.ghosted_shape}", flush=True)
