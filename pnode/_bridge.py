@@ -51,7 +51,9 @@ class Run:
 
     def forward(self, y0, need_grad):
         """Integrate; with need_grad, keep what the backward needs."""
-        self.y0 = self.layout.to_flat(y0.detach()).to(dtype=PETSC_DTYPE, device="cpu")
+        # A copy: for a float64 CPU y0 this was a view, and a buffer refilled in place before
+        # a backward that integrates again (memory="states", a second backward) started there.
+        self.y0 = self.layout.to_flat(y0.detach()).to(dtype=PETSC_DTYPE, device="cpu", copy=True)
         checkpointed = need_grad and self.config.checkpoints is not None
         self.tape = Tape() if need_grad and self.config.memory == "graphs" and not checkpointed else None
         self.stats.method = self.config.method.name
@@ -102,11 +104,11 @@ class Run:
         """
         if self.current_params is None:
             return
-        now = self.current_params()
-        if [id(p) for p in now] != [id(p) for p in self.params]:
+        # A superset is fine (parameters unfrozen since): the backward differentiates its own list.
+        if not {id(p) for p in self.params} <= {id(p) for p in self.current_params()}:
             raise RuntimeError(
                 "func's parameters changed between this call's forward and its backward (a submodule was "
-                "replaced, or a parameter's requires_grad switched): the backward evaluates func again "
+                "replaced, or a parameter was frozen): the backward evaluates func again "
                 f"(memory={self.config.memory!r}, checkpoints={self.config.checkpoints}, or a forward "
                 "recomputed because another call came in between) and would differentiate other tensors "
                 "than the forward used. Call backward before changing func")
@@ -164,10 +166,11 @@ class PnodeFunction(torch.autograd.Function):
             ys = ys.clone()
         # Saved only for autograd's checks: a second backward without retain_graph gets
         # PyTorch's usual error (saved tensors are freed after the first one), and so does a
-        # backward after y0 or a parameter was edited in place (an optimizer step between
-        # two backwards): a backward that evaluates f again would use the edited values.
-        # Not ys: saving it would make an in-place edit of the outputs fail the backward.
-        ctx.save_for_backward(ys.new_empty(0), y0, *params)
+        # backward after a parameter was edited in place (an optimizer step between two
+        # backwards): a backward that evaluates f again would use the edited values. Not
+        # y0, which the run keeps a copy of (torchdiffeq's adjoint lets a buffer be refilled),
+        # nor ys: saving it would make an in-place edit of the outputs fail the backward.
+        ctx.save_for_backward(ys.new_empty(0), *params)
         return ys
 
     @staticmethod

@@ -66,24 +66,29 @@ def _check_not_derived(params):
     history: listing the encoder's parameters as well counted their gradient twice.
     """
     index = {id(p): i for i, p in enumerate(params)}
-    nodes = {p.grad_fn: i for i, p in enumerate(params) if p.grad_fn is not None}
+    # A non-leaf is an output of its grad_fn: the edge (grad_fn, output_nr). Siblings such
+    # as mu, logvar = h.chunk(2) share the node, not the edge.
+    edges = {(p.grad_fn, p.output_nr): i for i, p in enumerate(params) if p.grad_fn is not None}
+    seen = set()   # shared: below a node already walked there is no listed tensor
     for i, p in enumerate(params):
         if p.grad_fn is None:
             continue
-        seen, stack = set(), [fn for fn, _ in p.grad_fn.next_functions]
+        stack = list(p.grad_fn.next_functions)
         while stack:
-            node = stack.pop()
-            if node is None or node in seen:
+            node, output = stack.pop()
+            if node is None:
+                continue
+            j = edges.get((node, output), index.get(id(getattr(node, "variable", None))))
+            if node in seen and j is None:
                 continue
             seen.add(node)
-            j = nodes.get(node, index.get(id(getattr(node, "variable", None))))
             if j is not None:
                 raise ValueError(
                     f"adjoint_params[{i}] (shape {tuple(p.shape)}) is computed from adjoint_params[{j}] "
                     f"(shape {tuple(params[j].shape)}): its gradient would reach adjoint_params[{j}] twice, "
                     "once through f directly and once back through the computation. List the tensors f "
                     "uses (a context vector), or the leaves they come from, not both")
-            stack.extend(fn for fn, _ in node.next_functions)
+            stack.extend(node.next_functions)
 
 
 class _SolverCache:
@@ -156,10 +161,16 @@ class _Packed:
         return torch.cat([y.reshape(-1) for y in ys])
 
     def unpack(self, flat):
-        """A (..., n) tensor as a tuple shaped like y0, with the leading dimensions kept."""
-        lead = flat.shape[:-1]
-        return tuple(part.reshape(*lead, *shape)
-                     for part, shape in zip(flat.split(self.sizes, dim=-1), self.shapes))
+        """A (..., n) tensor as a tuple shaped like y0, with the leading dimensions kept.
+
+        Sliced rather than split: split's outputs are views autograd forbids editing in
+        place, and torchdiffeq's tuple outputs can be edited.
+        """
+        lead, parts, start = flat.shape[:-1], [], 0
+        for size, shape in zip(self.sizes, self.shapes):
+            parts.append(flat[..., start:start + size].reshape((*lead, *shape)))
+            start += size
+        return tuple(parts)
 
     def wrap(self, f):
         def packed(t, y):
@@ -168,6 +179,8 @@ class _Packed:
                 raise TypeError(f"func must return a tuple of {len(self.shapes)} tensors for a tuple y0, "
                                 f"got {type(out).__name__}")
             return self.pack(out)
+        # where the unlisted-tensor check finds func's own modules (a module, or a bound method's)
+        packed.__self__ = getattr(f, "__self__", f)
         return packed
 
     def wrap_func(self, func, method):

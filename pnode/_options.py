@@ -274,7 +274,7 @@ def _check_petsc_options(method, items, fixed):
     for key, value in items:
         if key in _RESERVED:
             raise ValueError(f"petsc_options[{key!r}] is set by pnode; use {_RESERVED[key]} instead")
-        if key == "ts_adapt_type" and fixed and value != "none":
+        if key == "ts_adapt_type" and fixed and value.lower() != "none":
             # pnode resets the fixed step before every step; an adapter that shrinks it after a
             # rejection then fights it (beuler spun without end).
             raise ValueError(f"petsc_options['ts_adapt_type']={value!r} adapts the steps, but "

@@ -86,17 +86,19 @@ def _warn_unlisted_leaves(out, y_in, params, parts):
     known = own | {id(y_in)} | {id(p) for p in params}
     # A listed non-leaf (a context vector, functional_call's tensors) gets its gradient from
     # pnode, and autograd carries it on into its history: that history is not missed.
-    listed = {p.grad_fn for p in params if p.grad_fn is not None}
-    unlisted, seen, stack = [], set(), [out.grad_fn]
+    # Edges, not nodes: mu, logvar = h.chunk(2) share a node, and listing mu says nothing of logvar.
+    listed = {(p.grad_fn, p.output_nr) for p in params if p.grad_fn is not None}
+    unlisted, seen, stack = [], set(), [(out.grad_fn, out.output_nr)]
     while stack:
-        node = stack.pop()
-        if node is None or node in seen or node in listed:
+        edge = stack.pop()
+        node = edge[0]
+        if node is None or node in seen or edge in listed:
             continue
         seen.add(node)
         leaf = getattr(node, "variable", None)   # AccumulateGrad: a leaf that requires grad
         if leaf is not None and id(leaf) not in known:
             unlisted.append(tuple(leaf.shape))
-        stack.extend(fn for fn, _ in node.next_functions)
+        stack.extend(node.next_functions)
     if unlisted:
         warnings.warn(f"func's output depends on {len(unlisted)} tensor(s) that require grad but are not "
                       f"parameters of func's modules nor in adjoint_params (shapes {unlisted}): pnode's "

@@ -3,6 +3,7 @@ keywords, plain callables in the module wrapper, torch.func transforms. Each eit
 like torchdiffeq or is refused with a message that says what to do instead."""
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -81,6 +82,27 @@ def test_tuple_state_in_the_module_wrapper_and_bad_tuples():
         pnode.odeint(func, (state[0], state[1].float()), T, **RK4)
     with pytest.raises(pnode.RHSError, match="must return a tuple of 2 tensors for a tuple y0, got Tensor"):
         pnode.odeint(lambda t, y: y[0], state, T, **RK4, adjoint_params=())
+
+
+def test_tuple_state_with_a_0d_member_subset_parameters_and_edited_outputs():
+    """A 0-d member failed to reshape; listing some of func's parameters warned about the
+    others (func was hidden behind the packing closure); split's outputs could not be edited."""
+    func = Coupled()
+    state = (torch.tensor(0.5, dtype=torch.float64, requires_grad=True), *_state())
+
+    def f(t, y):
+        return (-y[0], *func(t, y[1:]))
+    ys = pnode.odeint(f, state, T, **MIDPOINT, adjoint_params=list(func.parameters()))
+    ref = torchdiffeq.odeint(f, state, T, **MIDPOINT)
+    for a, b in zip(torch.autograd.grad(_loss(ys), state), torch.autograd.grad(_loss(ref), state)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = pnode.odeint(func, _state(), T, **MIDPOINT, adjoint_params=[func.a.weight])
+    out[0][0] = 0.0
+    out[1].mul_(2.0)
+    g, = torch.autograd.grad(_loss(out), func.a.weight)
+    assert torch.isfinite(g).all()
 
 
 def test_method_none_is_dopri5():
