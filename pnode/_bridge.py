@@ -16,6 +16,7 @@ from torch.autograd.function import once_differentiable
 from ._checkpoint import Checkpointer
 from ._petsc import DTYPE as PETSC_DTYPE
 from ._rhs import RHS, Tape
+from ._stats import Stats
 
 
 class Run:
@@ -44,9 +45,9 @@ class Run:
         self.stats = stats
         self.y0 = None
 
-    def _rhs(self, tape, in_backward):
+    def _rhs(self, tape, in_backward, stats=None):
         return RHS(self.parts, self.params, self.layout, self.dtype, self.device, self.sign, self.origin,
-                   self.stats, tape,
+                   self.stats if stats is None else stats, tape,
                    self.solver.staging(self.dtype, self.device), in_backward)
 
     def forward(self, y0, need_grad):
@@ -126,12 +127,13 @@ class Run:
         if solver.trajectory_owner is not self:
             # Another forward overwrote the trajectory, or a first backward consumed it
             # (retain_graph): recompute the forward so the adjoint sees this run's steps.
-            rhs_evals = self.stats.rhs_evals
+            # Counted apart: the stats (a NeuralODE's are shared) keep describing the last forward.
+            scratch = Stats()
             self.tape = Tape() if self.config.memory == "graphs" else None
-            solver.forward(self._rhs(self.tape, in_backward=True), self.y0, self.times, owner=self)
-            self.stats.recomputed_steps += self.stats.steps
-            self.stats.recomputed_rhs += self.stats.rhs_evals - rhs_evals
-            self.stats.rhs_evals = rhs_evals
+            solver.forward(self._rhs(self.tape, in_backward=True, stats=scratch), self.y0, self.times, owner=self)
+            self.stats.recomputed_steps += scratch.steps
+            self.stats.recomputed_rhs += scratch.recomputed_rhs
+            self.stats.jacobians += scratch.jacobians
         try:
             grad_y0, grad_p = solver.backward(self._rhs(self.tape, in_backward=True), g)
         finally:

@@ -333,6 +333,13 @@ class RHS:
             return self.staging.to_model(y_flat, copy=False)
         return y_flat
 
+    def count_evaluation(self):
+        """One evaluation of f: the forward's (rhs_evals), or the backward's recomputation."""
+        if self.in_backward:
+            self.stats.recomputed_rhs += 1
+        else:
+            self.stats.rhs_evals += 1
+
     def value(self, part, s, y_flat):
         """f(t_0 + sign * s, y) without a graph, shaped like y (the initial-step heuristic uses it too)."""
         with torch.no_grad():
@@ -343,7 +350,7 @@ class RHS:
 
         ``ts`` and ``u`` (the TS and the input Vec) name the stage for the tape.
         """
-        self.stats.rhs_evals += 1
+        self.count_evaluation()
         if self.tape is None:
             out = self.value(part, s, y_flat)
         else:

@@ -280,7 +280,7 @@ class Solver:
         rhs = self.rhs
 
         def f(s, y):
-            rhs.stats.rhs_evals += 1
+            rhs.count_evaluation()
             y = self._state_tensor_input(y)
             out = sum(rhs.layout.flat(rhs.value(part, s, y)) for part in self.parts).to(y.device, y.dtype)
             return -out if rhs.sign < 0 else out

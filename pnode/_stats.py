@@ -18,6 +18,12 @@ class Stats:
     f in the backward (none for explicit methods with ``memory="graphs"``);
     ``jacobians`` the Jacobian assemblies (``jacobian="dense"`` or ``"blockdiag"``)
     of the forward and then of its backward.
+
+    Every forward resets the backward's counters (``vjps``, ``recomputed_*``,
+    ``checkpoints``); they then add up over the backwards that follow (a second backward
+    with ``retain_graph``, or a NeuralODE's earlier call differentiated later, whose
+    recomputed forward is counted in ``recomputed_steps`` and ``recomputed_rhs`` and
+    leaves the forward's fields alone).
     """
 
     method: str = ""

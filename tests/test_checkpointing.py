@@ -98,3 +98,44 @@ def test_budget_validation():
     y0 = torch.randn(2, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="checkpoints"):
         pnode.odeint(func, y0, T, options={"checkpoints": 0})
+
+
+class _Counted(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, t, y):
+        self.calls += 1
+        return self.inner(t, y)
+
+
+@pytest.mark.parametrize("options", [{"checkpoints": 2}, {"checkpoints": 3, "memory": "states"},
+                                     {"memory": "states"}])
+def test_stats_count_the_backward_apart(options):
+    """With checkpoints the backward's replays were counted as forward evaluations
+    (rhs_evals 93 -> 366) and recomputed_rhs stayed 0."""
+    func = _Counted(MLP(dim=2, seed=1))
+    y0 = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ys, stats = pnode.odeint(func, y0, T, method="dopri5", options=options, return_stats=True)
+    forward = func.calls
+    assert stats.rhs_evals == forward
+    loss_fn(ys).backward()
+    assert stats.rhs_evals == forward
+    assert stats.recomputed_rhs == func.calls - forward > 0
+
+
+def test_an_earlier_call_differentiated_later_leaves_the_last_forward_stats():
+    """Its recomputed forward overwrote steps, step_times and forward_seconds of the latest call."""
+    func = MLP(dim=2, seed=1)
+    node = pnode.NeuralODE(func, method="dopri5", options={"memory": "states"})
+    ya = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    first = node(ya, T)
+    first_steps = node.stats.steps
+    node(3 * ya, T * 2)
+    latest = (node.stats.steps, list(node.stats.step_times), node.stats.forward_seconds, node.stats.rhs_evals)
+    assert latest[0] != first_steps
+    loss_fn(first).backward()
+    assert (node.stats.steps, node.stats.step_times, node.stats.forward_seconds, node.stats.rhs_evals) == latest
+    assert node.stats.recomputed_steps == first_steps
