@@ -151,9 +151,10 @@ class _Packed:
         for i, y in enumerate(y0):
             if not isinstance(y, torch.Tensor):
                 raise TypeError(f"y0[{i}] must be a torch.Tensor, got {type(y).__name__}")
-        if len({(y.dtype, y.device) for y in y0}) > 1:
-            raise ValueError("the tensors of a tuple y0 must share one dtype and device, got "
-                             f"{[(y.dtype, str(y.device)) for y in y0]}")
+        if len({y.device for y in y0}) > 1:
+            raise ValueError(f"the tensors of a tuple y0 must be on one device, got {[str(y.device) for y in y0]}")
+        # Mixed dtypes are promoted by the concatenation, as in torchdiffeq: func then sees
+        # and returns every member in the promoted dtype.
         self.shapes = [y.shape for y in y0]
         self.sizes = [y.numel() for y in y0]
 

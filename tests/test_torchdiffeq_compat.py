@@ -78,8 +78,9 @@ def test_tuple_state_in_the_module_wrapper_and_bad_tuples():
     func, state = Coupled(), _state()
     ys = pnode.NeuralODE(func, **RK4)(state, T)
     torch.testing.assert_close(ys[1], pnode.odeint(func, state, T, **RK4)[1], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="must share one dtype and device"):
-        pnode.odeint(func, (state[0], state[1].float()), T, **RK4)
+    mixed = pnode.odeint(func, (state[0], state[1].float()), T, **RK4)   # promoted, as torchdiffeq's cat does
+    assert [y.dtype for y in mixed] == [torch.float64] * 2
+    torch.testing.assert_close(mixed[1], ys[1], rtol=1e-6, atol=1e-6)
     with pytest.raises(pnode.RHSError, match="must return a tuple of 2 tensors for a tuple y0, got Tensor"):
         pnode.odeint(lambda t, y: y[0], state, T, **RK4, adjoint_params=())
 
