@@ -2,13 +2,14 @@
 
 import weakref
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from ._bridge import PnodeFunction, Run
 from ._errors import RHSError
-from ._rhs import FlatLayout
+from ._rhs import FlatLayout, autograd_edges
 from ._options import check_devices, check_dtypes, check_time, check_y0, make_config
 from ._solver import Solver
 from ._stats import Stats
@@ -73,22 +74,14 @@ def _check_not_derived(params):
     for i, p in enumerate(params):
         if p.grad_fn is None:
             continue
-        stack = list(p.grad_fn.next_functions)
-        while stack:
-            node, output = stack.pop()
-            if node is None:
-                continue
+        for node, output in autograd_edges(p.grad_fn.next_functions, seen=seen):
             j = edges.get((node, output), index.get(id(getattr(node, "variable", None))))
-            if node in seen and j is None:
-                continue
-            seen.add(node)
             if j is not None:
                 raise ValueError(
                     f"adjoint_params[{i}] (shape {tuple(p.shape)}) is computed from adjoint_params[{j}] "
                     f"(shape {tuple(params[j].shape)}): its gradient would reach adjoint_params[{j}] twice, "
                     "once through f directly and once back through the computation. List the tensors f "
                     "uses (a context vector), or the leaves they come from, not both")
-            stack.extend(node.next_functions)
 
 
 class _SolverCache:
@@ -189,23 +182,25 @@ class _Packed:
             if isinstance(func, (tuple, list)):
                 return tuple(self.wrap(f) for f in func)
             if callable(getattr(func, "nonstiff", None)) and callable(getattr(func, "stiff", None)):
-                return _Split(self.wrap(func.nonstiff), self.wrap(func.stiff))
+                return SimpleNamespace(nonstiff=self.wrap(func.nonstiff), stiff=self.wrap(func.stiff))
         return self.wrap(func)
 
 
-class _Split:
-    def __init__(self, nonstiff, stiff):
-        self.nonstiff, self.stiff = nonstiff, stiff
+def _integrate(cache, func, y0, t, config, adjoint_params, stats, grid):
+    """odeint and NeuralODE: find the parameters, pack a tuple state, solve."""
+    params = _parameters(func, adjoint_params)
+    # Parameters taken from func's modules are looked up again by a backward that evaluates func.
+    current = (lambda: _parameters(func, None)) if adjoint_params is None else None
+    if not isinstance(y0, tuple):
+        return _solve(cache, func, y0, t, config, params, current, stats, grid)
+    if grid is not None:
+        raise TypeError("a tuple y0 cannot be spread over a pnode.Grid; pass the field as one tensor")
+    packed = _Packed(y0)
+    return packed.unpack(_solve(cache, packed.wrap_func(func, config.method), packed.pack(y0), t, config, params,
+                                current, stats, None))
 
 
-def _integrate(cache, func, y0, t, config, params, stats, grid, current_params=None):
-    if isinstance(y0, tuple):
-        if grid is not None:
-            raise TypeError("a tuple y0 cannot be spread over a pnode.Grid; pass the field as one tensor")
-        packed = _Packed(y0)
-        ys = _integrate(cache, packed.wrap_func(func, config.method), packed.pack(y0), t, config, params, stats, None,
-                        current_params)
-        return packed.unpack(ys)
+def _solve(cache, func, y0, t, config, params, current_params, stats, grid):
     check_y0(y0)
     check_devices(y0, params)
     times = check_time(t, y0)
@@ -280,10 +275,8 @@ def odeint(func, y0, t, *, method="dopri5", rtol=1e-7, atol=1e-9, options=None,
     """
     _refuse_unknown(kwargs)
     config = make_config(method, rtol, atol, options, petsc_options)
-    params = _parameters(func, adjoint_params)
     stats = Stats()
-    current = (lambda: _parameters(func, None)) if adjoint_params is None else None
-    ys = _integrate(_cache_for(func), func, y0, t, config, params, stats, grid, current)
+    ys = _integrate(_cache_for(func), func, y0, t, config, adjoint_params, stats, grid)
     return (ys, stats) if return_stats else ys
 
 
@@ -309,11 +302,7 @@ class NeuralODE(nn.Module):
         self._cache = _SolverCache()
 
     def forward(self, y0, t):
-        if self.adjoint_params is not None:
-            return _integrate(self._cache, self.func, y0, t, self.config,
-                              _parameters(self.func, self.adjoint_params), self.stats, self.grid)
-        return _integrate(self._cache, self.func, y0, t, self.config, _parameters(self.func, None),
-                          self.stats, self.grid, lambda: _parameters(self.func, None))
+        return _integrate(self._cache, self.func, y0, t, self.config, self.adjoint_params, self.stats, self.grid)
 
     def extra_repr(self):
         c = self.config

@@ -58,6 +58,25 @@ def _with_graph(out, y_in):
     return out if out.requires_grad else out + 0 * y_in.sum()
 
 
+def autograd_edges(roots, skip=frozenset(), seen=None):
+    """Every autograd edge ``(node, output index)`` reachable from ``roots``, depth first.
+
+    Each edge reached is yielded, but a node's inputs are followed only once (``seen``,
+    which walks may share) and never past an edge in ``skip``.
+    """
+    seen = set() if seen is None else seen
+    stack = list(roots)
+    while stack:
+        edge = stack.pop()
+        node = edge[0]
+        if node is None or edge in skip:
+            continue
+        yield edge
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.next_functions)
+
+
 def _caller_level():
     """warnings' stacklevel of the first frame outside pnode and torch: the user's call.
 
@@ -88,17 +107,12 @@ def _warn_unlisted_leaves(out, y_in, params, parts):
     # pnode, and autograd carries it on into its history: that history is not missed.
     # Edges, not nodes: mu, logvar = h.chunk(2) share a node, and listing mu says nothing of logvar.
     listed = {(p.grad_fn, p.output_nr) for p in params if p.grad_fn is not None}
-    unlisted, seen, stack = [], set(), [(out.grad_fn, out.output_nr)]
-    while stack:
-        edge = stack.pop()
-        node = edge[0]
-        if node is None or node in seen or edge in listed:
-            continue
-        seen.add(node)
+    unlisted = {}
+    for node, _ in autograd_edges([(out.grad_fn, out.output_nr)], skip=listed):
         leaf = getattr(node, "variable", None)   # AccumulateGrad: a leaf that requires grad
         if leaf is not None and id(leaf) not in known:
-            unlisted.append(tuple(leaf.shape))
-        stack.extend(node.next_functions)
+            unlisted[id(leaf)] = tuple(leaf.shape)
+    unlisted = list(unlisted.values())
     if unlisted:
         warnings.warn(f"func's output depends on {len(unlisted)} tensor(s) that require grad but are not "
                       f"parameters of func's modules nor in adjoint_params (shapes {unlisted}): pnode's "
@@ -121,15 +135,8 @@ def _check_twice_differentiable(g):
     autograd only trips over when it is reached; differentiating g with respect to u does
     not reach it, so its terms were dropped from J v and Newton ran with a wrong Jacobian.
     """
-    seen, stack = set(), [g.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if node.name() == "torch::autograd::Error":
-            raise _not_twice_differentiable("its graph holds a backward marked @once_differentiable")
-        stack.extend(fn for fn, _ in node.next_functions)
+    if any(node.name() == "torch::autograd::Error" for node, _ in autograd_edges([(g.grad_fn, g.output_nr)])):
+        raise _not_twice_differentiable("its graph holds a backward marked @once_differentiable")
 
 
 class _Entry:

@@ -47,7 +47,8 @@ class Solver:
         self.comm = comm if comm is not None else PETSc.COMM_SELF
         self.rhs = None
         self._views = {}
-        self._param_shapes = None   # of the parameters the "params" views were cut for
+        self._param_views_of = {}   # Vec id -> per-parameter views, cut for _param_shapes
+        self._param_shapes = None
         self._pcache = None
         self.jac = {}     # part -> Jacobian shell context (set by build_ts)
         self.pjac = {}    # part -> parameter-Jacobian shell context
@@ -98,21 +99,20 @@ class Solver:
         if shapes != self._param_shapes:
             # The same parameter count cut another way (another subset of the model
             # trained): views made for the old shapes would take the new gradients wrongly.
-            self._views = {k: v for k, v in self._views.items() if not (isinstance(k, tuple) and k[0] == "params")}
+            self._param_views_of = {}
             self._param_shapes = shapes
         self.rhs = rhs
 
     def _param_views(self, vec):
         """Per-parameter views into a parameter-sized Vec, made once per Vec."""
-        key = ("params", vec.getId())
-        views = self._views.get(key)
+        views = self._param_views_of.get(vec.getId())
         if views is None:
             flat = self.view(vec)
             views, offset = [], 0
             for p in self.rhs.params:
                 views.append(flat[offset:offset + p.numel()].view(p.shape))
                 offset += p.numel()
-            self._views[key] = views
+            self._param_views_of[vec.getId()] = views
         return views
 
     def staging(self, dtype, device):
