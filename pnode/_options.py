@@ -156,10 +156,6 @@ def make_config(method, rtol, atol, options, petsc_options):
                                  "magnitudes, the direction of integration comes from t (pass a "
                                  f"decreasing t to integrate backwards, and options['{key}']={-value!r})")
             kw[key] = _positive(f"options['{key}']", value)
-    if "first_step" in kw and ("step_size" in kw or not m.embedded):
-        raise ValueError("options['first_step'] starts adaptive steps, but "
-                         + ("options['step_size'] fixes them: drop one of the two" if m.embedded else
-                            f"method {m.name!r} takes fixed steps: use options['step_size']"))
     for key in ("max_num_steps", "max_rejections", "checkpoints"):
         if key in options:
             value = options[key]
@@ -191,10 +187,14 @@ def make_config(method, rtol, atol, options, petsc_options):
         kw["theta"] = float(theta)
     elif m.theta is not None:
         kw["theta"] = m.theta
-    petsc_items = _petsc_options(petsc_options)
-    if petsc_items:
-        _check_petsc_options(m, petsc_items, fixed=kw.get("step_size") is not None or not m.embedded)
-    return Config(method=m, rtol=rtol, atol=atol, petsc_options=petsc_items, **kw)
+    config = Config(method=m, rtol=rtol, atol=atol, petsc_options=_petsc_options(petsc_options), **kw)
+    if config.first_step is not None and config.fixed:
+        raise ValueError("options['first_step'] starts adaptive steps, but "
+                         + ("options['step_size'] fixes them: drop one of the two" if m.embedded else
+                            f"method {m.name!r} takes fixed steps: use options['step_size']"))
+    if config.petsc_options:
+        _check_petsc_options(m, config.petsc_options, config.fixed)
+    return config
 
 
 # Options pnode sets from its own arguments; overriding them breaks the discrete adjoint.
