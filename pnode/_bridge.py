@@ -11,7 +11,6 @@ import time as _time
 from dataclasses import replace
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._checkpoint import Checkpointer
 from ._petsc import DTYPE as PETSC_DTYPE
@@ -155,12 +154,46 @@ class Run:
         return grad_y0, grads
 
 
+_SECOND_ORDER = (
+    "pnode's gradients are first order: differentiating them again (a gradient penalty, a Hessian-vector "
+    "product, gradgradcheck, create_graph=True followed by another backward) would need PETSc's "
+    "second-order adjoint, which pnode does not wire in. For second derivatives use torchdiffeq.odeint "
+    "(backpropagation through the solver), or finite differences of pnode's gradient")
+
+
+def _is_batched(grad):
+    # torch.autograd.grad(is_grads_batched=True) vmaps the backward with the legacy batching,
+    # whose tensors look plain to every other check (and failed in Run.backward's detach).
+    functorch = torch._C._functorch
+    legacy = getattr(functorch, "is_legacy_batchedtensor", None)
+    return functorch.is_functorch_wrapped_tensor(grad) or (legacy is not None and legacy(grad))
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Pass pnode's gradients on, tied to everything they depend on, with a backward that raises.
+
+    PyTorch's @once_differentiable ties its error node to the incoming gradient only:
+    when that needs no grad (any loss linear in ys) or when one differentiates with
+    respect to y0 or a parameter, the error was never reached and pnode's share of a
+    second derivative was silently zero.
+    """
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        return tensors[:n]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_SECOND_ORDER)
+
+
 class PnodeFunction(torch.autograd.Function):
     """ys = ODESolve(y0, params); backward by PETSc TSAdjoint."""
 
     @staticmethod
     def forward(ctx, run, y0, *params):
         ctx.run = run
+        ctx.y0 = y0   # not saved: only what a second differentiation would depend on (see backward)
         ys = run.forward(y0, need_grad=True)
         if ys._base is not None:
             # A view (of the stacked outputs, reshaped): autograd forbids editing in place a
@@ -176,8 +209,18 @@ class PnodeFunction(torch.autograd.Function):
         return ys
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_ys):
-        ctx.saved_tensors  # noqa: B018  (raises on a second backward without retain_graph)
-        grad_y0, grad_params = ctx.run.backward(grad_ys)
-        return (None, grad_y0, *grad_params)
+        params = ctx.saved_tensors[1:]   # raises on a second backward without retain_graph
+        if _is_batched(grad_ys):
+            raise RuntimeError("pnode's backward takes one gradient at a time, not a batch of them "
+                               "(torch.autograd.grad(is_grads_batched=True), jacobian(vectorize=True), "
+                               "gradcheck(check_batched_grad=True)): use vectorize=False, or a loop")
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            grad_y0, grad_params = ctx.run.backward(grad_ys)
+        grads = [grad_y0, *grad_params]
+        if create_graph:
+            depends = [x for x in (grad_ys, ctx.y0, *params) if x.requires_grad]
+            if depends:
+                grads = list(_FirstOrderOnly.apply(len(grads), *grads, *depends))
+        return (None, *grads)

@@ -10,7 +10,7 @@ from torch import nn
 from ._bridge import PnodeFunction, Run
 from ._errors import RHSError
 from ._rhs import FlatLayout, autograd_edges
-from ._options import check_devices, check_dtypes, check_time, check_y0, make_config
+from ._options import check_devices, check_dtypes, check_no_transform, check_time, check_y0, make_config
 from ._solver import Solver
 from ._stats import Stats
 
@@ -188,6 +188,15 @@ class _Packed:
 
 def _integrate(cache, func, y0, t, config, adjoint_params, stats, grid):
     """odeint and NeuralODE: find the parameters, pack a tuple state, solve."""
+    check_no_transform(y0 if isinstance(y0, tuple) else (y0,),
+                       lambda: [p for m in _modules(func) for p in m.parameters()] if adjoint_params is None
+                       else adjoint_params)
+    if torch.is_inference_mode_enabled():
+        # Tensors made in inference mode cannot be updated outside it: the solver's cached
+        # views of its Vecs would fail every later call. Nor can autograd run in it, which
+        # Newton's Jacobians need. The outputs are then ordinary tensors.
+        with torch.inference_mode(False), torch.no_grad():
+            return _integrate(cache, func, y0, t, config, adjoint_params, stats, grid)
     params = _parameters(func, adjoint_params)
     # Parameters taken from func's modules are looked up again by a backward that evaluates func.
     current = (lambda: _parameters(func, None)) if adjoint_params is None else None

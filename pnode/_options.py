@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from ._methods import Method, get_method
 from ._petsc import DTYPE as PETSC_DTYPE, EPS as PETSC_EPS, PETSc, petsc_message
@@ -325,13 +326,33 @@ def check_time(t, y0):
     return times
 
 
+def check_no_transform(states, candidates):
+    """Refuse torch.func transforms and forward-mode duals: PETSc sees plain values only.
+
+    ``states`` are y0's tensors; ``candidates()`` lists every tensor that may be a
+    parameter, frozen ones included (under torch.func.jvp the parameters are duals that
+    do not require grad), and is called only inside a forward-AD level. A dual's tangent
+    was silently dropped (the output had none), and transforms failed deep inside torch.
+    """
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if torch._C._are_functorch_transforms_active() or any(
+            isinstance(y, torch.Tensor) and wrapped(y) for y in states):
+        raise TypeError("pnode runs under a torch.func transform (vmap, grad, jvp, jacrev, ...): it hands "
+                        "concrete tensors to PETSc and cannot run under these transforms; batch along y0's "
+                        "first dimension instead of vmap, and use loss.backward() / torch.autograd.grad")
+    if getattr(fwAD, "_current_level", -1) < 0:
+        return
+    named = [("y0", y) for y in states] + [(f"a parameter (shape {tuple(p.shape)})", p) for p in candidates()]
+    for name, x in named:
+        if isinstance(x, torch.Tensor) and fwAD.unpack_dual(x).tangent is not None:
+            raise TypeError(f"{name} carries a forward-mode tangent (torch.autograd.forward_ad.make_dual), "
+                            "which pnode would drop: its derivatives come from PETSc's adjoint, in reverse "
+                            "mode only. Use loss.backward() / torch.autograd.grad")
+
+
 def check_y0(y0):
     if not isinstance(y0, torch.Tensor):
         raise TypeError(f"y0 must be a torch.Tensor or a tuple of them, got {type(y0).__name__}")
-    if torch._C._functorch.is_functorch_wrapped_tensor(y0):
-        raise TypeError("y0 is a torch.func transform's tensor (vmap, grad, jacrev, ...): pnode hands concrete "
-                        "tensors to PETSc and cannot run under these transforms; batch along y0's first "
-                        "dimension instead of vmap, and use loss.backward() / torch.autograd.grad")
     if y0.numel() == 0:
         raise ValueError(f"y0 is empty (shape {tuple(y0.shape)})")
     if y0.is_complex():

@@ -140,20 +140,28 @@ def _check_twice_differentiable(g):
 
 
 class _Entry:
-    __slots__ = ("part", "handle", "time", "seen", "y_in", "out")
+    __slots__ = ("part", "handle", "time", "step_size", "seen", "y_in", "out")
 
-    def __init__(self, part, handle, time, seen, y_in, out):
+    def __init__(self, part, handle, time, step_size, seen, y_in, out):
         self.part = part
         self.handle = handle
         self.time = time
+        self.step_size = step_size
         self.seen = seen    # flat: what decides a match (see RHS._seen)
         self.y_in = y_in
         self.out = out
 
 
-def _close_times(a, b):
-    # PETSc computes a stage time in its own precision, t + c h forward, t + h (1 - c) backward
-    return abs(a - b) <= max(1e-12, 64 * PETSC_EPS) * max(1.0, abs(a))
+def close_times(a, b, step_size=0.0):
+    """Whether two of PETSc's times are one time computed two ways.
+
+    PETSc computes a stage time in its own precision, t + c h forward and
+    t + h (1 - c) backward: they differ by rounding, a few eps of the largest of
+    |t| and |h|. No absolute floor: with steps of 1e-14 (femtoseconds in seconds), a
+    floor of 1e-12 made every stage of a step "close", and a stage that left the state
+    bitwise unchanged was differentiated at another stage's time.
+    """
+    return abs(a - b) <= 64 * PETSC_EPS * max(abs(a), abs(b), abs(step_size))
 
 
 def _same_up_to_rounding(a, b):
@@ -167,9 +175,9 @@ class Tape:
     def __init__(self):
         self.steps = {}
 
-    def record(self, step, part, handle, time, seen, y_in, out):
+    def record(self, step, part, handle, time, step_size, seen, y_in, out):
         entries = self.steps.setdefault(step, [])
-        entry = _Entry(part, handle, time, seen, y_in, out)
+        entry = _Entry(part, handle, time, step_size, seen, y_in, out)
         last = entries[-1] if entries else None
         if last is not None and last.handle == handle and last.part == part and last.time == time:
             # The previous Newton (or line-search) iterate of this stage solve: only the
@@ -188,18 +196,19 @@ class Tape:
         """
         # The common case first: the stage vector the forward evaluated on, at this step.
         for e in self.steps.get(step, ()):
-            if e.handle == handle and e.part == part and _close_times(e.time, time) and torch.equal(e.seen, y):
+            if e.handle == handle and e.part == part and close_times(e.time, time, e.step_size) \
+                    and torch.equal(e.seen, y):
                 return e
         for s in (step, step - 1):
             for e in self.steps.get(s, ()):
-                if e.part == part and _close_times(e.time, time) and torch.equal(e.seen, y):
+                if e.part == part and close_times(e.time, time, e.step_size) and torch.equal(e.seen, y):
                     return e
         # First-same-as-last RK tableaus (dopri5, bosh3, ...) never evaluate stage 0:
         # the forward reused f at the previous step's last stage, whose state equals
         # y_n up to the summation order of VecMAXPY. Differentiating that evaluation
         # is differentiating what the forward computed.
         for e in self.steps.get(step - 1, ()):
-            if e.part == part and _close_times(e.time, time) and _same_up_to_rounding(e.seen, y):
+            if e.part == part and close_times(e.time, time, e.step_size) and _same_up_to_rounding(e.seen, y):
                 return e
         return None
 
@@ -364,7 +373,7 @@ class RHS:
             # A private copy: PETSc overwrites its stage vectors, the graph must not see that.
             seen, y_in = self._seen(y_flat)
             out = self._call_with_grad(part, s, y_in.requires_grad_())
-            self.tape.record(ts.getStepNumber(), part, u.getId(), s, seen, y_in, out)
+            self.tape.record(ts.getStepNumber(), part, u.getId(), s, ts.getTimeStep(), seen, y_in, out)
             out = out.detach()
         if self.staging is not None:
             self.staging.to_petsc(out, out_flat, self.sign)

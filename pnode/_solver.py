@@ -20,7 +20,7 @@ import torch
 from ._errors import NonFiniteError, PnodeError, SolverError
 from ._initial_step import initial_step
 from ._petsc import PETSc, petsc_message
-from ._rhs import _close_times
+from ._rhs import close_times
 from ._staging import Staging
 from ._ts_builder import apply_options, build_ts
 
@@ -327,7 +327,7 @@ class Solver:
         for want, got in zip(times, sol_times):
             # PETSc takes a step as landing on an output time within 1e-6 h relative to
             # |s|: a span of 1e6 would make that a whole step and shift the outputs.
-            if not _close_times(want, float(got)):
+            if not close_times(want, float(got)):
                 raise SolverError(f"PETSc stored the output for t={rhs.user_time(want):.17g} at "
                                   f"t={rhs.user_time(float(got)):.17g}", phase="forward",
                                   time=rhs.user_time(float(got)), step=ts.getStepNumber(),

@@ -150,10 +150,82 @@ def test_first_step_that_would_be_ignored(method, options, words):
 
 
 def test_torch_func_transforms_are_refused():
-    """vmap failed with "data-dependent control flow" from a check of y0's values."""
+    """vmap failed with "data-dependent control flow" from a check of y0's values; over the
+    parameters (functional_call, y0 plain) grad, jvp and vmap failed inside torch."""
     def solve(y0):
         return pnode.odeint(lambda t, y: -y, y0, T, adjoint_params=())[-1]
-    with pytest.raises(TypeError, match="torch.func transform's tensor"):
+    with pytest.raises(TypeError, match="under a torch.func transform"):
         torch.vmap(solve)(torch.ones(3, 2, dtype=torch.float64))
     with pytest.raises(TypeError, match="batch along y0's first dimension"):
         torch.func.grad(lambda y0: solve(y0).sum())(torch.ones(2, dtype=torch.float64))
+    net = nn.Linear(2, 2).double()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    y0 = torch.ones(3, 2, dtype=torch.float64)
+
+    def loss(p):
+        f = lambda t, y: torch.func.functional_call(net, p, (y,))   # noqa: E731
+        return pnode.odeint(f, y0, T, adjoint_params=tuple(p.values()), **RK4).sum()
+    ones = {k: torch.ones_like(v) for k, v in params.items()}
+    batched = {k: v.expand(2, *v.shape) for k, v in params.items()}
+    for transform in (lambda: torch.func.grad(loss)(params), lambda: torch.func.jvp(loss, (params,), (ones,)),
+                      lambda: torch.vmap(loss)(batched)):
+        with pytest.raises(TypeError, match="under a torch.func transform"):
+            transform()
+
+
+def test_forward_mode_tangents_are_refused_not_dropped():
+    """A dual y0 (or parameter) came out of odeint without a tangent under no_grad or with
+    frozen parameters; torchdiffeq propagates it."""
+    import torch.autograd.forward_ad as fwAD
+    net = nn.Linear(2, 2).double()
+    y0 = torch.ones(3, 2, dtype=torch.float64)
+    with torch.no_grad(), fwAD.dual_level():
+        with pytest.raises(TypeError, match="y0 carries a forward-mode tangent"):
+            pnode.odeint(lambda t, y: net(y), fwAD.make_dual(y0, torch.ones_like(y0)), T,
+                         adjoint_params=tuple(net.parameters()), **RK4)
+        w = fwAD.make_dual(net.weight.detach(), torch.ones_like(net.weight))
+        with pytest.raises(TypeError, match=r"a parameter \(shape \(2, 2\)\) carries a forward-mode tangent"):
+            pnode.odeint(lambda t, y: y @ w.T, y0, T, adjoint_params=(w,), **RK4)
+    with fwAD.dual_level():   # a level with plain tensors only: nothing to refuse
+        assert pnode.odeint(lambda t, y: net(y), y0, T, adjoint_params=tuple(net.parameters()), **RK4).shape \
+            == (3, 3, 2)
+
+
+def test_batched_gradients_are_refused_by_name():
+    """jacobian(vectorize=True) failed with torch's 'Batching rule not implemented for
+    aten::detach'; vectorize=False is the way, and it matches torchdiffeq's backprop."""
+    net = nn.Linear(2, 2).double()
+    y0 = torch.ones(2, 2, dtype=torch.float64)
+    params = tuple(net.parameters())
+    solve = lambda y: pnode.odeint(lambda t, z: torch.tanh(net(z)), y, T, adjoint_params=params,  # noqa: E731
+                                   **MIDPOINT)
+    with pytest.raises(RuntimeError, match="one gradient at a time"):
+        torch.autograd.functional.jacobian(solve, y0, vectorize=True)
+    ref = lambda y: torchdiffeq.odeint(lambda t, z: torch.tanh(net(z)), y, T, **MIDPOINT)   # noqa: E731
+    torch.testing.assert_close(torch.autograd.functional.jacobian(solve, y0),
+                               torch.autograd.functional.jacobian(ref, y0), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", ["rk4", "beuler", "arkimex"])
+def test_inference_mode_then_training(method):
+    """A first call under torch.inference_mode (a validation pass) cached inference tensors
+    as views of the solver's Vecs, and every later training call failed ('Inplace update to
+    inference tensor outside InferenceMode'); implicit methods could not run in it at all
+    (Newton's Jacobians need autograd)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2).double()
+
+        def forward(self, t, y):
+            return torch.tanh(self.lin(y))
+    net = Net()
+    y0 = torch.tensor([[1.0, -0.5], [0.25, 0.5]], dtype=torch.float64)
+    node = pnode.NeuralODE(net, method=method, options={"step_size": 0.1})
+    with torch.inference_mode():
+        ys_inference = node(y0, T)
+    ys = node(y0, T)
+    ys.pow(2).sum().backward()
+    fresh = pnode.NeuralODE(net, method=method, options={"step_size": 0.1})(y0, T)
+    assert torch.equal(ys_inference, ys.detach()) and torch.equal(ys.detach(), fresh.detach())
+    assert net.lin.weight.grad is not None
