@@ -17,10 +17,13 @@ PETSc's adjoint accumulates each rank's partial ``dL/dp`` with no
 communication, and one allreduce after the backward sums them.
 """
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from ._coloring import Coloring
+from ._errors import PnodeError, RHSError
 from ._petsc import DTYPE as PETSC_DTYPE, PETSc, petsc_message
 from ._solver import Solver
 
@@ -162,15 +165,36 @@ class Grid:
         from .distributed import allreduce_sum
         return allreduce_sum(value, self.comm.tompi4py())
 
-    def _check_state(self, y0, times):
+    def _check_state(self, y0, times, config, params):
+        """Check this call's arguments, with the same verdict on every rank.
+
+        A rank that raised alone left the others waiting in the solve's first collective
+        call (a hang when the error was caught); and arguments that differ between ranks
+        (method, step size, checkpoints, ...) made the ranks' TS take different steps and
+        hang. One allgather compares them all.
+        """
+        problems = []
         if tuple(y0.shape) != self.owned_shape:
-            raise ValueError(f"with grid=..., y0 is this rank's block of shape grid.owned_shape = "
-                             f"{self.owned_shape}, got {tuple(y0.shape)}: pass grid.local(field)")
+            problems.append(f"with grid=..., y0 is this rank's block of shape grid.owned_shape = "
+                            f"{self.owned_shape}, got {tuple(y0.shape)}: pass grid.local(field)")
         if y0.dtype != PETSC_DTYPE or y0.device.type != "cpu":
-            raise ValueError(f"with grid=..., y0 must be a {PETSC_DTYPE} CPU tensor (PETSc's own memory), got "
-                             f"{y0.dtype} on {y0.device}; cast inside func if the model differs")
-        if len(set(self.comm.tompi4py().allgather(tuple(times)))) != 1:
-            raise ValueError("t differs between ranks: every rank must pass the same output times")
+            problems.append(f"with grid=..., y0 must be a {PETSC_DTYPE} CPU tensor (PETSc's own memory), got "
+                            f"{y0.dtype} on {y0.device}; cast inside func if the model differs")
+        arguments = {"t": tuple(times), "parameter shapes": [tuple(p.shape) for p in params]}
+        arguments.update((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))
+        arguments["method"] = config.method.name
+        said = self.comm.tompi4py().allgather((problems, arguments))
+        if problems:
+            raise ValueError(problems[0])
+        for rank, (theirs, _) in enumerate(said):
+            if theirs:
+                raise ValueError(f"on rank {rank}: {theirs[0]}")
+        differ = [name for name in arguments if len({repr(a[name]) for _, a in said}) > 1]
+        if differ:
+            values = "; ".join(f"{name}: " + ", ".join(f"{a[name]!r} on rank {r}" for r, (_, a) in enumerate(said))
+                               for name in differ)
+            raise ValueError(f"the arguments differ between ranks ({values}): every rank of a Grid must pass "
+                             "the same t, method, rtol, atol, options, petsc_options and parameters")
         # Every rank is here on every call: the place to destroy dropped solvers. petsc4py
         # only parks a parallel object Python frees (its destruction is collective), so
         # evicted solvers and those of throwaway closures piled up (+300 MB per 100 calls).
@@ -247,6 +271,36 @@ class GridSolver(Solver):
 
     def _init_args(self):
         return super()._init_args() + (self.grid,)
+
+    def _serve(self, rhs):
+        super()._serve(rhs)
+        rhs.contain = self.comm.getSize() > 1
+
+    def _run(self, call, *args, phase):
+        try:
+            super()._run(call, *args, phase=phase)
+        except PnodeError as failure:
+            self._raise_contained(phase)
+            raise failure
+        self._raise_contained(phase)
+
+    def _raise_contained(self, phase):
+        """Raise on every rank the error func raised on some ranks only (RHS.contain).
+
+        Called where every rank is: after a PETSc call returned or failed on all of them.
+        The failing rank raises its own RHSError, the others one that quotes it.
+        """
+        if self.comm.getSize() == 1:
+            return
+        mine = self.rhs.failure
+        said = self.comm.tompi4py().allgather(None if mine is None else (mine.message, mine.time))
+        if mine is not None:
+            mine.locate(phase=phase)   # not the step: the failure surfaced steps later, maybe
+            raise mine
+        failed = [rank for rank, what in enumerate(said) if what is not None]
+        if failed:
+            message, time = said[failed[0]]
+            raise RHSError(f"on rank {failed[0]} of {len(said)}: {message}", time=time, phase=phase)
 
     # Ghost exchange before f sees a state or a direction; its transpose after a VJP.
     def state_input(self, vec):

@@ -214,7 +214,7 @@ def _solve(cache, func, y0, t, config, params, current_params, stats, grid):
     check_devices(y0, params)
     times = check_time(t, y0)
     if grid is not None:
-        grid._check_state(y0, times)
+        grid._check_state(y0, times, config, params)
     config = config.for_state(y0, grid)
     parts = _parts(func, config.method)
     solver = cache.get(config, y0.numel(), sum(p.numel() for p in params), tuple(sorted(parts)),

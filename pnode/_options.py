@@ -354,7 +354,8 @@ def check_y0(y0):
     if not isinstance(y0, torch.Tensor):
         raise TypeError(f"y0 must be a torch.Tensor or a tuple of them, got {type(y0).__name__}")
     if y0.numel() == 0:
-        raise ValueError(f"y0 is empty (shape {tuple(y0.shape)})")
+        raise ValueError(f"y0 is empty (shape {tuple(y0.shape)}): pass at least one sample (an empty batch "
+                         "has nothing to integrate; skip it)")
     if y0.is_complex():
         raise TypeError("y0 is complex; pnode integrates real states (split real and imaginary parts)")
     if not y0.is_floating_point():

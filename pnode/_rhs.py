@@ -265,6 +265,10 @@ class RHS:
         self._output_views = {}       # id(flat) -> (flat, layout.output(flat)), see output_view
         self._leaves_checked = False
         self._second_order_checked = False
+        # On a Grid over several ranks an exception must not leave PETSc on one rank only
+        # (the others wait in a collective forever): see _failed.
+        self.contain = False
+        self.failure = None
 
     # -- evaluation -----------------------------------------------------------------
     def user_time(self, s):
@@ -300,24 +304,56 @@ class RHS:
     def _name(self, part):
         return "func" if len(self.parts) == 1 else f"func ({part} part)"
 
+    def _failed(self, error, cause, nan):
+        """Raise ``error`` (an RHSError, from ``cause``); under ``contain``, keep it and return ``nan()``.
+
+        Contained (a Grid over several ranks), the failing rank goes on with NaN where
+        the result would be: the step then fails on every rank together, because the
+        solver's finiteness checks and PETSc's norms are collective, and the solver
+        raises the kept error on every rank (GridSolver._run). Raised there, it had left
+        the other ranks in a ghost exchange forever.
+        """
+        if not self.contain:
+            try:
+                raise error from cause
+            finally:   # the traceback holds this frame: its locals would make a cycle through it
+                error = cause = None
+        error.__cause__ = cause
+        if self.failure is None:
+            self.failure = error
+        return nan()
+
     def _call(self, part, s, y):
         # The solver adds the step and phase (RHSError.locate) when the error crosses PETSc.
+        def nan():
+            return torch.full(self.layout.out_shape, float("nan"), dtype=y.dtype, device=y.device)
         try:
             out = self.parts[part](self._time(s), y)
         except Exception as exc:
-            raise RHSError(f"{self._name(part)} raised {type(exc).__name__}: {exc}", time=self.user_time(s)) from exc
+            return self._failed(RHSError(f"{self._name(part)} raised {type(exc).__name__}: {exc}",
+                                         time=self.user_time(s)), exc, nan)
         if not isinstance(out, torch.Tensor):
-            raise RHSError(f"{self._name(part)} must return a torch.Tensor shaped like y, got "
-                           f"{type(out).__name__}", time=self.user_time(s))
+            return self._failed(RHSError(f"{self._name(part)} must return a torch.Tensor shaped like y, got "
+                                         f"{type(out).__name__}", time=self.user_time(s)), None, nan)
         expected = self.layout.out_shape
         if out.shape != expected or out.dtype != y.dtype or out.device != y.device:
             like = "must match y in all three" if expected == y.shape else \
                 f"must have this rank's owned shape {tuple(expected)} and y's dtype and device"
-            raise RHSError(
+            return self._failed(RHSError(
                 f"{self._name(part)} returned shape {tuple(out.shape)}, dtype {out.dtype}, device {out.device} "
                 f"for y of shape {tuple(y.shape)}, dtype {y.dtype}, device {y.device}; dy/dt {like}",
-                time=self.user_time(s))
+                time=self.user_time(s)), None, nan)
         return out
+
+    def _derivative_failed(self, part, point, exc, nan):
+        """An exception from differentiating f (its backward, or a double backward) as an RHSError."""
+        try:
+            if isinstance(exc, RHSError):
+                return self._failed(exc, exc.__cause__, nan)
+            return self._failed(RHSError(f"differentiating {self._name(part)} raised {type(exc).__name__}: {exc}",
+                                         time=self.user_time(point.time)), exc, nan)
+        finally:   # as in _failed
+            exc = None
 
     def _call_with_grad(self, part, s, y_in):
         """f(t, y_in) on a graph from y_in; the call's first such graph is searched for hidden leaves."""
@@ -422,7 +458,12 @@ class RHS:
         w = self._model_output(w_flat)
         if self.sign < 0:
             w = -w
-        grads = _vjp(out, (y_in, *self.params) if want_params else (y_in,), w)
+        inputs = (y_in, *self.params) if want_params else (y_in,)
+        try:
+            grads = _vjp(out, inputs, w)
+        except Exception as exc:
+            grads = self._derivative_failed(part, point, exc,
+                                            lambda: [torch.full_like(x, float("nan")) for x in inputs])
         return grads[0], grads[1:]
 
     def release_graph(self):
@@ -458,22 +499,38 @@ class RHS:
         pass per product through a graph built once per point, several times
         cheaper here than forward-mode AD through torch.func.
         """
-        u, g = self._linearisation(part, point, y_flat)
         v = self._model_input(v_flat, copy=False)
-        jv = None
-        if g is not None and g.requires_grad:
-            jv = self._differentiate_vjp(g, u, v, batched=False)
+        try:
+            u, g = self._linearisation(part, point, y_flat)
+            jv = None
+            if g is not None and g.requires_grad:
+                jv = self._differentiate_vjp(g, u, v, batched=False)
+        except Exception as exc:
+            return self._derivative_failed(part, point, exc, lambda: torch.full(
+                self.layout.out_shape, float("nan"), dtype=v.dtype, device=v.device))
         if jv is None:  # f does not depend on y
             jv = torch.zeros_like(u)
         return -jv if self.sign < 0 else jv
 
     def jvps(self, part, point, y_flat, directions):
         """J v for a batch of directions (k, *input shape) in one vmapped reverse pass."""
-        u, g = self._linearisation(part, point, y_flat)
-        if g is None or not g.requires_grad:
-            return torch.zeros(len(directions), *u.shape, dtype=u.dtype, device=u.device)
-        jv = self._differentiate_vjp(g, u, directions, batched=True)
+        try:
+            u, g = self._linearisation(part, point, y_flat)
+            if g is None or not g.requires_grad:
+                return torch.zeros(len(directions), *u.shape, dtype=u.dtype, device=u.device)
+            jv = self._differentiate_vjp(g, u, directions, batched=True)
+        except Exception as exc:
+            return self._derivative_failed(part, point, exc, lambda: torch.full(
+                (len(directions), *self.layout.out_shape), float("nan"), dtype=directions.dtype,
+                device=directions.device))
         return -jv if self.sign < 0 else jv
+
+    def _jacobian_row(self, part, point, out, y_in, cotangent):
+        """(df/dy)^T cotangent, None where f ignores y: rows of the assembled Jacobians."""
+        try:
+            return torch.autograd.grad(out, y_in, cotangent, retain_graph=True, allow_unused=True)[0]
+        except Exception as exc:
+            return self._derivative_failed(part, point, exc, lambda: torch.full_like(y_in, float("nan")))
 
     def jacobian_blocks(self, part, point, y_flat):
         """Per-sample Jacobians sign * df_b/dy_b, shape (batch, d, d), for y of shape (batch, ...).
@@ -490,7 +547,7 @@ class RHS:
         for i in range(d):
             e = torch.zeros(batch, d, dtype=out.dtype, device=out.device)
             e[:, i] = 1.0
-            g, = torch.autograd.grad(out, y_in, e.view(self.shape), retain_graph=True, allow_unused=True)
+            g = self._jacobian_row(part, point, out, y_in, e.view(self.shape))
             rows.append(torch.zeros(batch, d, dtype=out.dtype, device=out.device) if g is None
                         else g.reshape(batch, d))
         blocks = torch.stack(rows, dim=1).to(device=y_flat.device, dtype=y_flat.dtype)
@@ -502,8 +559,7 @@ class RHS:
         n = y_in.numel()
         eye = torch.eye(n, dtype=out.dtype, device=out.device).view(n, *self.shape)
         jac = torch.stack([g.reshape(-1) if g is not None else torch.zeros(n, dtype=out.dtype)
-                           for g in (torch.autograd.grad(out, y_in, eye[i], retain_graph=True,
-                                                         allow_unused=True)[0] for i in range(n))])
+                           for g in (self._jacobian_row(part, point, out, y_in, eye[i]) for i in range(n))])
         jac = jac.to(device=y_flat.device, dtype=y_flat.dtype)
         return -jac if self.sign < 0 else jac
 

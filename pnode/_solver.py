@@ -292,6 +292,9 @@ class Solver:
     _state_tensor_input = staticmethod(lambda y: y)
     _sum_over_ranks = staticmethod(lambda values: values)
 
+    def _raise_contained(self, phase):
+        """On a Grid over several ranks: raise the error func raised on some ranks (GridSolver)."""
+
     def forward(self, rhs, y0_flat, times, owner):
         """Integrate; return the states at ``times`` as a (len(times), n) tensor."""
         self._serve(rhs)
@@ -307,6 +310,13 @@ class Solver:
         # Solvers are shared by calls that differ in tolerances (not part of the cache key).
         ts.setTolerances(rtol=self.config.rtol, atol=self.config.atol)
         h = self._first_step(times, self.u_view)
+        self._raise_contained("forward")
+        if not (math.isfinite(h) and h > 0):
+            # f was NaN or Inf at t0 (the estimate's norms are summed over a Grid's ranks,
+            # so every rank gets here); PETSc refused the step with a raw error 63.
+            raise NonFiniteError("NaN or Inf in the state's derivative at t0, where the initial step size is "
+                                 "estimated", phase="forward", time=rhs.user_time(times[0]), step=0, step_size=h,
+                                 hint="check func and y0 for overflow, or set options['first_step']")
         ts.setTimeStep(h)
         ts.setEvaluationTimes(times)
         self._fixed_h = h if self.config.fixed else None
@@ -522,6 +532,7 @@ class Solver:
             if ksp_reason < 0:
                 ksp_name = _enum_name(PETSc.KSP.ConvergedReason, ksp_reason)
                 details.append(f"Krylov (KSP) {ksp_name} after {snes.getKSP().getIterationNumber()} iterations")
+                nonfinite = nonfinite or "NAN" in ksp_name
                 hints["DIVERGED_NONLINEAR_SOLVE"] = (
                     "the linear solves inside Newton failed: try options['jacobian']='dense' (small "
                     "states), or petsc_options={'ksp_max_it': 2000} / another 'pc_type'")

@@ -47,8 +47,16 @@ def _bounds(n, parts, index):
 
 
 def shard(x, dim=0, communicator=None):
-    """This rank's contiguous share of ``x`` along ``dim`` (sizes differ by at most one)."""
+    """This rank's contiguous share of ``x`` along ``dim`` (sizes differ by at most one).
+
+    Fewer samples than ranks is a ValueError on every rank alike (some shards would be
+    empty, and an empty y0 fails on those ranks only, leaving the others waiting).
+    """
     c = communicator or comm()
+    if x.shape[dim] < c.Get_size():
+        raise ValueError(f"shard: {x.shape[dim]} samples along dim {dim} cannot be shared by {c.Get_size()} "
+                         "ranks; use batches of at least as many samples as ranks (DataLoader(drop_last=True) "
+                         "drops a short last batch)")
     start, stop = _bounds(x.shape[dim], c.Get_size(), c.Get_rank())
     return x.narrow(dim, start, stop - start)
 

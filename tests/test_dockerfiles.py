@@ -305,7 +305,8 @@ def test_cuda_dockerfile_builds_petsc_with_cuda():
 
 def test_dockerignore_keeps_local_state_out_of_the_context():
     patterns = _dockerignore_patterns(ROOT)
-    for path in (".venv", ".venv/bin/python", ".git/HEAD", "pnode/__pycache__/x.pyc"):
+    # .venv-single: `make test-single` builds it in the repository (1.4 GB of context)
+    for path in (".venv", ".venv/bin/python", ".venv-single/bin/python", ".git/HEAD", "pnode/__pycache__/x.pyc"):
         assert _ignored(path, patterns), path
     for path in ("scripts/setup.sh", "setup.py", "pnode/__init__.py", "docker/Dockerfile"):
         assert not _ignored(path, patterns), path

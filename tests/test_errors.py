@@ -354,6 +354,31 @@ class Boom(Exception):
     pass
 
 
+class BackwardBoom(torch.autograd.Function):
+    """Identity whose backward raises: a custom op of the user's that fails when differentiated."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise Boom("backward boom")
+
+
+@pytest.mark.parametrize("method, options", [
+    ("rk4", {"step_size": 0.25}), ("beuler", {"step_size": 0.25, "jacobian": "dense"}),
+    ("beuler", {"step_size": 0.25, "jacobian": "blockdiag"}), ("beuler", {"step_size": 0.25, "jacobian": "matrix-free"})])
+def test_func_whose_backward_raises(method, options):
+    """The adjoint's VJPs and Newton's Jacobian rows let the user's exception out raw
+    (no time, no phase); it is an RHSError like a failure of func itself."""
+    net = Net(fail=lambda t, y, net: BackwardBoom.apply(torch.tanh(y @ net.w.T)) - y)
+    with pytest.raises(RHSError) as info:
+        NeuralODE(net, method=method, options=options)(Y0.clone().requires_grad_(), T).sum().backward()
+    check(info, "differentiating func raised Boom: backward boom", "solve", "t=")
+    assert isinstance(info.value.__cause__, Boom)
+
+
 def raise_after(t0):
     def fail(t, y, net):
         if float(t) > t0:
@@ -442,6 +467,7 @@ def nan_after(t0):
     ("rk4", {"step_size": 0.25}, lambda t, y, net: y * math.inf, Y0),   # the post-step check
     ("rk4", {"step_size": 0.25}, blow_up, 100 * Y0),
     ("dopri5", {}, nan_after(0.3), Y0),                                 # PETSc's error norm sees it
+    ("dopri5", {}, lambda t, y, net: y * math.nan, Y0),                 # the initial step (PETSc error 63)
     ("beuler", {"step_size": 0.25}, nan_after(0.3), Y0),                # Newton sees it
 ])
 def test_nonfinite_state_in_the_forward(method, options, fail, y0):

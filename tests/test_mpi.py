@@ -48,3 +48,38 @@ def test_grid_too_small_for_its_ranks_fails_on_every_rank():
     assert out.stdout.count("less than the stencil width") == 3, out.stdout + out.stderr
     assert out.stdout.count("past the barrier") == 3, out.stdout + out.stderr
     assert out.stdout.count("built a plane") == 3, out.stdout + out.stderr
+
+
+def test_failures_on_one_rank_of_a_grid_are_caught_on_every_rank():
+    """func raising on one rank only (a training loop catching PnodeError), arguments that
+    differ between ranks, and NaN at t0: rank 0 hung in a ghost exchange or in PETSc."""
+    out = _mpiexec("grid_recover_check.py", timeout=180)   # a hang would end in TimeoutExpired
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert text.count("caught") == 14 and "no exception" not in text, text + out.stderr
+    assert text.count("next call same gradient") == 14, text + out.stderr
+    assert text.count("RHSError caught: func raised FloatingPointError: rank 1 failed on purpose") == 2, text
+    assert text.count("RHSError caught: on rank 1 of 2: func raised FloatingPointError") == 2, text
+    assert text.count("rank 1's backward failed on purpose") == 2, text
+    assert text.count("NonFiniteError caught") == 2 and text.count("arguments differ between ranks") == 4, text
+    assert text.count("got (1, 3)") == 2, text
+
+
+class _TwoRanks:
+    """The rank-1 view of a 2-rank communicator, for shard's arithmetic."""
+
+    def Get_size(self):
+        return 2
+
+    def Get_rank(self):
+        return 1
+
+
+def test_shard_refuses_fewer_samples_than_ranks():
+    """A last batch of 1 on 2 ranks gave rank 1 an empty y0: odeint raised there alone."""
+    import torch
+
+    from pnode import distributed as dist
+    with pytest.raises(ValueError, match="1 samples along dim 0 cannot be shared by 2 ranks"):
+        dist.shard(torch.zeros(1, 3), communicator=_TwoRanks())
+    assert dist.shard(torch.arange(3.0), communicator=_TwoRanks()).tolist() == [2.0]
