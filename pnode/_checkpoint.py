@@ -83,21 +83,32 @@ class Checkpointer:
         return self.lam, self.mu
 
     def _reverse(self, a, b, y_a, s):
-        """Reverse steps a..b-1 given the state at step a and s states (y_a included)."""
-        while b - a > 1:
-            if s == 1:
-                y_j = self._advance(a, b - 1, y_a)
-                self._reverse_step(b - 1, y_j)
-                b -= 1
+        """Reverse steps a..b-1 given the state at step a and s states (y_a included).
+
+        The schedule recurses once per stored checkpoint; as recursion that ran out of
+        Python's stack for budgets near 1000, so the pending segments are a list. A
+        None on it marks where the checkpoint of the segment above it is freed.
+        """
+        pending = [(a, b, y_a, s)]
+        while pending:
+            segment = pending.pop()
+            if segment is None:
+                self._note_checkpoint(-1)
                 continue
-            m = a + split(b - a, s)
-            y_m = self._advance(a, m, y_a)
-            self._note_checkpoint(+1)
-            self._reverse(m, b, y_m, s - 1)
-            self._note_checkpoint(-1)
-            del y_m
-            b = m
-        self._reverse_step(a, y_a)
+            a, b, y_a, s = segment
+            if b - a == 1:
+                self._reverse_step(a, y_a)
+            elif s == 1:
+                self._reverse_step(b - 1, self._advance(a, b - 1, y_a))
+                pending.append((a, b - 1, y_a, 1))
+            else:
+                m = a + split(b - a, s)
+                y_m = self._advance(a, m, y_a)
+                self._note_checkpoint(+1)
+                # last in, first out: reverse m..b with the checkpoint, free it, then a..m
+                pending += [(a, m, y_a, s), None, (m, b, y_m, s - 1)]
+                del y_m
+            del segment, y_a
 
     def _note_checkpoint(self, delta):
         self.live += delta

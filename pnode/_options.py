@@ -6,6 +6,7 @@ fix; unknown option keys are an error, never silently ignored.
 
 import functools
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
@@ -160,7 +161,13 @@ def make_config(method, rtol, atol, options, petsc_options):
     for key in ("max_num_steps", "max_rejections", "checkpoints"):
         if key in options:
             value = options[key]
-            if isinstance(value, float) and value.is_integer():
+            if isinstance(value, torch.Tensor) and value.dim() == 0:
+                value = value.item()
+            if isinstance(value, bool):
+                pass   # refused below, not read as 1
+            elif isinstance(value, numbers.Integral):
+                value = int(value)  # numpy's integers
+            elif isinstance(value, numbers.Real) and float(value).is_integer():
                 value = int(value)  # 1e6 reads as a count
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 if key == "checkpoints":

@@ -98,6 +98,32 @@ def test_budget_validation():
     y0 = torch.randn(2, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="checkpoints"):
         pnode.odeint(func, y0, T, options={"checkpoints": 0})
+    for bad in (True, 1.5, torch.tensor(2.5)):
+        with pytest.raises(ValueError, match="checkpoints"):
+            pnode.odeint(func, y0, T, options={"checkpoints": bad})
+
+
+def test_budget_from_numpy_or_a_tensor():
+    """int(np.sqrt(n))-style budgets are numpy integers: they were refused as not integers."""
+    import numpy as np
+    func = MLP(seed=1)
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    reference, _ = _grads(func, y0, "rk4", {"step_size": 0.1, "checkpoints": 3})
+    for k in (np.int64(3), torch.tensor(3), 3.0):
+        g, stats = _grads(func, y0, "rk4", {"step_size": 0.1, "checkpoints": k})
+        assert stats.checkpoints <= 3 and all(torch.equal(a, b) for a, b in zip(g, reference))
+
+
+def test_a_budget_deeper_than_pythons_recursion_limit():
+    """The schedule nests once per stored checkpoint: with 1000 of them the recursion ran out
+    of Python's stack, reported as 'func raised RecursionError'."""
+    func = MLP(seed=1)
+    y0 = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    reference, _ = _grads(func, y0, "euler", {"step_size": 1 / 1200}, t=t)
+    g, stats = _grads(func, y0, "euler", {"step_size": 1 / 1200, "checkpoints": 1000}, t=t)
+    assert stats.steps == 1200 and stats.recomputed_steps == optimal_cost(1200, 1000)   # formula: checked by DP above
+    assert all(rel_err(a, b) <= 1e-12 for a, b in zip(g, reference))
 
 
 class _Counted(torch.nn.Module):
