@@ -22,12 +22,13 @@ class Run:
     """One call of odeint: the problem, its solver, and what backward needs."""
 
     def __init__(self, cache, solver, parts, params, y0, times, config, stats, layout, grid=None,
-                 current_params=None):
+                 current_params=None, buffers=()):
         self.cache = cache
         self.solver = solver
         self.parts = parts
         self.params = params
         self.current_params = current_params  # func's parameters now, when they came from its modules
+        self.buffers = buffers        # func's floating-point buffers, saved for the version check
         self.layout = layout
         self.grid = grid              # pnode.Grid of a distributed state, else None
         self.dtype = y0.dtype
@@ -201,16 +202,17 @@ class PnodeFunction(torch.autograd.Function):
             ys = ys.clone()
         # Saved only for autograd's checks: a second backward without retain_graph gets
         # PyTorch's usual error (saved tensors are freed after the first one), and so does a
-        # backward after a parameter was edited in place (an optimizer step between two
-        # backwards): a backward that evaluates f again would use the edited values. Not
-        # y0, which the run keeps a copy of (torchdiffeq's adjoint lets a buffer be refilled),
-        # nor ys: saving it would make an in-place edit of the outputs fail the backward.
-        ctx.save_for_backward(ys.new_empty(0), *params)
+        # backward after a parameter or a buffer of func was edited in place (an optimizer
+        # step between two backwards): a backward that evaluates f again would use the edited
+        # values. Not y0, which the run keeps a copy of (torchdiffeq's adjoint lets an input
+        # buffer be refilled), nor ys: saving it would make an in-place edit of the outputs
+        # fail the backward.
+        ctx.save_for_backward(ys.new_empty(0), *params, *run.buffers)
         return ys
 
     @staticmethod
     def backward(ctx, grad_ys):
-        params = ctx.saved_tensors[1:]   # raises on a second backward without retain_graph
+        params = ctx.saved_tensors[1:1 + len(ctx.run.params)]   # raises on a second backward without retain_graph
         if _is_batched(grad_ys):
             raise RuntimeError("pnode's backward takes one gradient at a time, not a batch of them "
                                "(torch.autograd.grad(is_grads_batched=True), jacobian(vectorize=True), "
