@@ -63,15 +63,14 @@ class Run:
         self.stats.jacobians = 0
         self.stats.linearisations = 0
         self.stats.reset_backward()
-        rhs = self._rhs(self.tape, in_backward=False)
-        try:
+        with self.solver.held() as solver:
+            # Calls that differ only in tolerances share a solver: this call's are set now.
+            solver.config = self.config
             # With a checkpoint budget the forward keeps no trajectory, only y0 and the steps.
             owner = self if need_grad and not checkpointed else None
-            ys = self.solver.forward(rhs, self.y0, self.times, owner=owner)
-        finally:
-            self.solver.rhs = None
-        if checkpointed:
-            self.recorded = self.solver.recorded_steps()
+            ys = solver.forward(self._rhs(self.tape, in_backward=False), self.y0, self.times, owner=owner)
+            if checkpointed:
+                self.recorded = solver.recorded_steps()
         return self.layout.from_flat(ys.to(dtype=self.dtype, device=self.device), lead=1)
 
     def _checkpointed_backward(self, g):
@@ -88,10 +87,8 @@ class Run:
         times, sizes, outputs = self.recorded
         cp = Checkpointer(advance, tape, make_rhs, self.config.checkpoints, times, sizes, outputs,
                           self.stats)
-        try:
+        with advance.held(), tape.held():
             grad_y0, grad_p = cp.backward(self.y0, g, n_params)
-        finally:
-            advance.rhs = tape.rhs = None
         self.stats.backward_seconds = _time.perf_counter() - start
         return grad_y0, grad_p
 
@@ -119,26 +116,25 @@ class Run:
         if self.config.checkpoints is not None:
             self._check_same_parameters()
             return self._unflatten(*self._checkpointed_backward(g))
-        solver = self.solver
-        if self.config.memory != "graphs" or solver.trajectory_owner is not self:
-            self._check_same_parameters()
-        # Calls that differ only in tolerances share a solver; a later call's are set on it now.
-        solver.config = self.config
-        if solver.trajectory_owner is not self:
-            # Another forward overwrote the trajectory, or a first backward consumed it
-            # (retain_graph): recompute the forward so the adjoint sees this run's steps.
-            # Counted apart: the stats (a NeuralODE's are shared) keep describing the last forward.
-            scratch = Stats()
-            self.tape = Tape() if self.config.memory == "graphs" else None
-            solver.forward(self._rhs(self.tape, in_backward=True, stats=scratch), self.y0, self.times, owner=self)
-            self.stats.recomputed_steps += scratch.steps
-            self.stats.recomputed_rhs += scratch.recomputed_rhs
-            self.stats.jacobians += scratch.jacobians
-        try:
-            grad_y0, grad_p = solver.backward(self._rhs(self.tape, in_backward=True), g)
-        finally:
-            solver.rhs = None
-            self.tape = None
+        with self.solver.held() as solver:   # from the ownership check to the adjoint's end
+            if self.config.memory != "graphs" or solver.trajectory_owner is not self:
+                self._check_same_parameters()
+            solver.config = self.config
+            if solver.trajectory_owner is not self:
+                # Another forward overwrote the trajectory, or a first backward consumed it
+                # (retain_graph): recompute the forward so the adjoint sees this run's steps.
+                # Counted apart: the stats (a NeuralODE's are shared) keep describing the last forward.
+                scratch = Stats()
+                self.tape = Tape() if self.config.memory == "graphs" else None
+                solver.forward(self._rhs(self.tape, in_backward=True, stats=scratch), self.y0, self.times,
+                               owner=self)
+                self.stats.recomputed_steps += scratch.steps
+                self.stats.recomputed_rhs += scratch.recomputed_rhs
+                self.stats.jacobians += scratch.jacobians
+            try:
+                grad_y0, grad_p = solver.backward(self._rhs(self.tape, in_backward=True), g)
+            finally:
+                self.tape = None
         return self._unflatten(grad_y0, grad_p)
 
     def _unflatten(self, grad_y0, grad_p):

@@ -106,15 +106,21 @@ class _SolverCache:
     def __setstate__(self, state):
         self.__init__()
 
+    @staticmethod
+    def _build(config, n, n_params, parts, grid):
+        return Solver(config, n, n_params, parts) if grid is None else grid._make_solver(config, n_params, parts)
+
     def get(self, config, n, n_params, parts, n_times=None, grid=None):
         # PETSc 3.26's TSSetEvaluationTimes frees its arrays and writes into NULL when
         # the number of times changes, so a TS serves one len(t) only.
         key = (config.solver_key(), n, n_params, parts, n_times, grid)
         solver = self.solvers.get(key)
+        if solver is not None and solver.busy:
+            # Solving further up this thread's stack (func calls its own module) or in another
+            # thread: a solver of this call's own, not cached.
+            return self._build(config, n, n_params, parts, grid)
         if solver is None or solver.broken:
-            solver = Solver(config, n, n_params, parts) if grid is None else \
-                grid._make_solver(config, n_params, parts)
-            self.solvers[key] = solver
+            solver = self.solvers[key] = self._build(config, n, n_params, parts, grid)
         self.solvers.move_to_end(key)
         if len(self.solvers) > self.size:
             self.solvers.popitem(last=False)

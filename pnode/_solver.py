@@ -11,7 +11,9 @@ PNODE), so the gradient is the exact derivative of the discrete solution that
 was computed.
 """
 
+import contextlib
 import math
+import threading
 import time as _time
 import weakref
 
@@ -46,6 +48,10 @@ class Solver:
         self.parts = parts
         self.comm = comm if comm is not None else PETSc.COMM_SELF
         self.rhs = None
+        # One call at a time (Solver.held): threads wait; a call nested in func's evaluation,
+        # which finds it busy, gets a solver of its own (_SolverCache.get).
+        self.lock = threading.RLock()
+        self.busy = 0
         self._views = {}
         self._param_views_of = {}   # Vec id -> per-parameter views, cut for _param_shapes
         self._param_shapes = None
@@ -72,6 +78,23 @@ class Solver:
         if config.replay == "advance":  # recomputation between checkpoints stores nothing
             self.ts.removeTrajectory()
             self._has_trajectory = False
+
+    @contextlib.contextmanager
+    def held(self):
+        """Hold the solver for one call's solves; its ``rhs`` is dropped when the last hold ends.
+
+        Two threads sharing a module crashed the process (one removed the trajectory
+        the other was writing), and a func that called its own module again overwrote
+        the state of the solve it was called from.
+        """
+        with self.lock:
+            self.busy += 1
+            try:
+                yield self
+            finally:
+                self.busy -= 1
+                if not self.busy:
+                    self.rhs = None
 
     def vectors(self):
         """New (state, parameter) Vecs; the parameter one is None without parameters."""
@@ -494,8 +517,10 @@ class Solver:
         return self.config, self.n, self.n_params, self.parts, self.comm
 
     def _recover(self):
+        held = self.lock, self.busy   # the call that failed still holds the solver
         self.ts.destroy()
         type(self).__init__(self, *self._init_args())
+        self.lock, self.busy = held
 
     def _failure(self, message, phase, reason, error=None):
         """A SolverError (NonFiniteError for NaN/Inf) saying where PETSc stopped and why."""
