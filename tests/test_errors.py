@@ -783,3 +783,40 @@ def test_default_jacobian(shape, expected):
     """blockdiag takes d VJPs per Newton step: for 32x32 images it was 100x slower than matrix-free."""
     config = pnode._options.make_config("beuler", 1e-6, 1e-8, None, None)
     assert config.for_state(torch.zeros(shape, dtype=torch.float64)).jacobian == expected
+
+
+@pytest.mark.parametrize("petsc_options", [{"pc_type": "jacobi"}, {"pc_type": "none"},
+                                           {"ksp_type": "bcgs", "pc_type": "none"}])
+def test_dense_jacobian_with_an_approximate_pc_still_solves_exactly(petsc_options):
+    """jacobian='dense' runs preonly + LU: a user's pc_type replaced the LU and each linear
+    solve was one preconditioner application (gradients 1e-3 off with jacobi, 1e30 with
+    none); a user's ksp_type ran at PETSc's default ksp_rtol 1e-5."""
+    options = {"step_size": 0.25, "jacobian": "dense"}
+    y0 = Y0.clone().requires_grad_()
+    ref_net = Net()
+    reference = grads_of(NeuralODE(ref_net, method="beuler", options=options)(y0, T), y0, ref_net)
+    net = Net()
+    got = grads_of(NeuralODE(net, method="beuler", options=options, petsc_options=petsc_options)(y0, T), y0, net)
+    for a, b in zip(got, reference):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("jacobian, pc", [("blockdiag", None), ("matrix-free", None), ("dense", "jacobi")])
+def test_preonly_needs_an_exact_preconditioner(jacobian, pc):
+    petsc_options = {"ksp_type": "preonly", **({"pc_type": pc} if pc else {})}
+    with pytest.raises(ValueError) as info:
+        NeuralODE(Net(), method="beuler", options={"step_size": 0.25, "jacobian": jacobian},
+                  petsc_options=petsc_options)(Y0.clone().unsqueeze(0) if jacobian == "blockdiag" else Y0, T)
+    check(info, "'preonly' applies the preconditioner once", "options['jacobian']='dense'")
+    NeuralODE(Net(), method="beuler", options={"step_size": 0.25, "jacobian": "dense"},
+              petsc_options={"ksp_type": "preonly", "pc_type": "lu"})(Y0, T)   # LU: exact
+
+
+def test_theta_from_a_tensor_or_numpy():
+    """rtol and step_size took 0-d tensors; theta said 'must be in (0, 1], got tensor(0.5000)'."""
+    import numpy as np
+    ys = [NeuralODE(Net(), method="theta", options={"theta": theta, "step_size": 0.25})(Y0, T)
+          for theta in (0.5, torch.tensor(0.5), np.float32(0.5))]
+    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
+    with pytest.raises(ValueError, match=r"options\['theta'\] must be in \(0, 1\]"):
+        NeuralODE(Net(), method="theta", options={"theta": torch.tensor(True)})
