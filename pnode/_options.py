@@ -82,8 +82,8 @@ class Config:
         for factorization type LU and matrix type python"; jacobi also left the KSP in a state
         TSDestroy complained about on stderr).
         """
-        pc = dict(self.petsc_options).get("pc_type")
-        ksp = dict(self.petsc_options).get("ksp_type")
+        user = dict(self.petsc_options)
+        pc, ksp = user.get("pc_type"), user.get("ksp_type")
         if ksp is not None and ksp.lower() == "preonly" and not (
                 self.jacobian == "dense" and (pc is None or pc.lower() in DIRECT_PCS)):
             raise ValueError(
@@ -125,6 +125,15 @@ class Config:
         else:
             jacobian = "matrix-free"
         return replace(self, jacobian=jacobian)
+
+
+def _as_number(value):
+    """A 0-d tensor or a numpy scalar as a Python int or float; anything else (a bool too) as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()   # a bool or complex tensor stays one, and is refused by the caller
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def _positive(name, value):
@@ -170,14 +179,8 @@ def make_config(method, rtol, atol, options, petsc_options):
             kw[key] = _positive(f"options['{key}']", value)
     for key in ("max_num_steps", "max_rejections", "checkpoints"):
         if key in options:
-            value = options[key]
-            if isinstance(value, torch.Tensor) and value.dim() == 0:
-                value = value.item()
-            if isinstance(value, bool):
-                pass   # refused below, not read as 1
-            elif isinstance(value, numbers.Integral):
-                value = int(value)  # numpy's integers
-            elif isinstance(value, numbers.Real) and float(value).is_integer():
+            value = _as_number(options[key])   # numpy's integers too (int(np.sqrt(n)) is one)
+            if isinstance(value, float) and value.is_integer():
                 value = int(value)  # 1e6 reads as a count
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 if key == "checkpoints":
@@ -199,11 +202,7 @@ def make_config(method, rtol, atol, options, petsc_options):
     if "theta" in options:
         if m.name != "theta":
             raise ValueError(f"options['theta'] applies to method='theta' only, not {m.name!r}")
-        theta = options["theta"]
-        if isinstance(theta, torch.Tensor) and theta.dim() == 0:
-            theta = theta.item()   # as rtol and step_size accept (a bool tensor stays a bool)
-        if isinstance(theta, numbers.Real) and not isinstance(theta, bool):
-            theta = float(theta)   # numpy's floats
+        theta = _as_number(options["theta"])   # a 0-d tensor, as rtol and step_size accept
         if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta <= 1:
             raise ValueError(f"options['theta'] must be in (0, 1], got {theta!r}")
         kw["theta"] = float(theta)

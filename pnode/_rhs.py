@@ -323,18 +323,21 @@ class RHS:
             self.failure = error
         return nan()
 
+    def _nan_output(self, like, *lead):
+        """What a contained failure returns in place of f's output (or of products shaped like it)."""
+        return torch.full((*lead, *self.layout.out_shape), float("nan"), dtype=like.dtype, device=like.device)
+
     def _call(self, part, s, y):
         # The solver adds the step and phase (RHSError.locate) when the error crosses PETSc.
-        def nan():
-            return torch.full(self.layout.out_shape, float("nan"), dtype=y.dtype, device=y.device)
         try:
             out = self.parts[part](self._time(s), y)
         except Exception as exc:
             return self._failed(RHSError(f"{self._name(part)} raised {type(exc).__name__}: {exc}",
-                                         time=self.user_time(s)), exc, nan)
+                                         time=self.user_time(s)), exc, lambda: self._nan_output(y))
         if not isinstance(out, torch.Tensor):
             return self._failed(RHSError(f"{self._name(part)} must return a torch.Tensor shaped like y, got "
-                                         f"{type(out).__name__}", time=self.user_time(s)), None, nan)
+                                         f"{type(out).__name__}", time=self.user_time(s)), None,
+                                lambda: self._nan_output(y))
         expected = self.layout.out_shape
         if out.shape != expected or out.dtype != y.dtype or out.device != y.device:
             like = "must match y in all three" if expected == y.shape else \
@@ -342,7 +345,7 @@ class RHS:
             return self._failed(RHSError(
                 f"{self._name(part)} returned shape {tuple(out.shape)}, dtype {out.dtype}, device {out.device} "
                 f"for y of shape {tuple(y.shape)}, dtype {y.dtype}, device {y.device}; dy/dt {like}",
-                time=self.user_time(s)), None, nan)
+                time=self.user_time(s)), None, lambda: self._nan_output(y))
         return out
 
     def _derivative_failed(self, part, point, exc, nan):
@@ -397,10 +400,11 @@ class RHS:
         with torch.no_grad():
             return self._call(part, s, self._model_input(y_flat, copy=False))
 
-    def evaluate(self, part, s, y_flat, out_flat, ts, u):
+    def evaluate(self, part, s, y_flat, out_flat, ts, u, step_size):
         """out = sign * f(t_0 + sign * s, y); with a tape, keep the graph for the backward.
 
-        ``ts`` and ``u`` (the TS and the input Vec) name the stage for the tape.
+        ``ts``, ``u`` and ``step_size`` (the TS, the input Vec, the attempted step) name the
+        stage for the tape.
         """
         self.count_evaluation()
         if self.tape is None:
@@ -409,7 +413,7 @@ class RHS:
             # A private copy: PETSc overwrites its stage vectors, the graph must not see that.
             seen, y_in = self._seen(y_flat)
             out = self._call_with_grad(part, s, y_in.requires_grad_())
-            self.tape.record(ts.getStepNumber(), part, u.getId(), s, ts.getTimeStep(), seen, y_in, out)
+            self.tape.record(ts.getStepNumber(), part, u.getId(), s, step_size, seen, y_in, out)
             out = out.detach()
         if self.staging is not None:
             self.staging.to_petsc(out, out_flat, self.sign)
@@ -506,8 +510,7 @@ class RHS:
             if g is not None and g.requires_grad:
                 jv = self._differentiate_vjp(g, u, v, batched=False)
         except Exception as exc:
-            return self._derivative_failed(part, point, exc, lambda: torch.full(
-                self.layout.out_shape, float("nan"), dtype=v.dtype, device=v.device))
+            return self._derivative_failed(part, point, exc, lambda: self._nan_output(v))
         if jv is None:  # f does not depend on y
             jv = torch.zeros_like(u)
         return -jv if self.sign < 0 else jv
@@ -520,9 +523,7 @@ class RHS:
                 return torch.zeros(len(directions), *u.shape, dtype=u.dtype, device=u.device)
             jv = self._differentiate_vjp(g, u, directions, batched=True)
         except Exception as exc:
-            return self._derivative_failed(part, point, exc, lambda: torch.full(
-                (len(directions), *self.layout.out_shape), float("nan"), dtype=directions.dtype,
-                device=directions.device))
+            return self._derivative_failed(part, point, exc, lambda: self._nan_output(directions, len(directions)))
         return -jv if self.sign < 0 else jv
 
     def _jacobian_row(self, part, point, out, y_in, cotangent):

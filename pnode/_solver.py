@@ -151,13 +151,13 @@ class Solver:
     # -- TS callbacks -------------------------------------------------------------------
     def rhs_function(self, ts, s, u, F):
         self._h = ts.getTimeStep()  # the step size of the attempt being evaluated
-        self.rhs.evaluate("explicit", s, self.state_input(u), self.view(F), ts, u)
+        self.rhs.evaluate("explicit", s, self.state_input(u), self.view(F), ts, u, self._h)
         F.stateIncrease()
 
     def ifunction(self, ts, s, u, udot, F):
         self._h = ts.getTimeStep()
         out = self.view(F)
-        self.rhs.evaluate("implicit", s, self.state_input(u), out, ts, u)
+        self.rhs.evaluate("implicit", s, self.state_input(u), out, ts, u, self._h)
         out.neg_().add_(self.view(udot))   # F = ydot - f
         F.stateIncrease()
 

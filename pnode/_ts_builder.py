@@ -115,6 +115,7 @@ def _param_jacobian(solver, part, sizes, mu):
 def build_ts(solver, config, parts, u, mu):
     """Return (ts, u, lam, mu) with the solver's callbacks and shells installed."""
     method = config.method
+    user = dict(config.petsc_options)
     comm = u.getComm()
     prefix = f"pnode{next(_ids)}_"
     ts = PETSc.TS().create(comm=comm)
@@ -169,7 +170,7 @@ def build_ts(solver, config, parts, u, mu):
             ts.setRHSJacobian(_no_point, Z, Z)
         options.update(_tolerances(config.eps))
         options.update(_SOLVER_OPTIONS[config.jacobian])
-        user_pc = dict(config.petsc_options).get("pc_type")
+        user_pc = user.get("pc_type")
         if config.jacobian == "dense" and user_pc is not None and user_pc.lower() not in DIRECT_PCS:
             # preonly applies the preconditioner once: with a user's approximate one in place of
             # the LU every stage solve, and every adjoint solve, was inexact (gradients off by
@@ -187,7 +188,6 @@ def build_ts(solver, config, parts, u, mu):
     ts.setMaxStepRejections(config.max_rejections)
     # A failed Newton solve shrinks the step (adaptive) instead of ending the run at once.
     ts.setMaxSNESFailures(-1 if not config.fixed else 1)
-    user = dict(config.petsc_options)
     options.update(user)
     _set_options(prefix, options)
     weakref.finalize(ts, _clear_options, prefix, list(options))
