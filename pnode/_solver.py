@@ -33,9 +33,14 @@ def _vec(n, comm):
     return PETSc.Vec().createSeq(n, comm=comm)
 
 
+# TSConvergedReason values petsc4py (3.26) does not name
+_TS_REASONS = {-3: "FORWARD_DIVERGED_LINEAR_SOLVE", -4: "ADJOINT_DIVERGED_LINEAR_SOLVE"}
+
+
 def _enum_name(enum, code):
     """The name of a petsc4py enum value (TS, SNES or KSP converged reason), else the code."""
-    return next((k for k in dir(enum) if k.isupper() and getattr(enum, k) == code), str(code))
+    fallback = _TS_REASONS.get(code, str(code)) if enum is PETSc.TS.ConvergedReason else str(code)
+    return next((k for k in dir(enum) if k.isupper() and getattr(enum, k) == code), fallback)
 
 
 class Solver:
@@ -534,6 +539,9 @@ class Solver:
                                         "SNES options such as petsc_options={'snes_max_it': 200}; check that "
                                         "func is differentiable in y",
             "DIVERGED_MAX_STEPS": "raise options['max_num_steps']",
+            "ADJOINT_DIVERGED_LINEAR_SOLVE": "the adjoint's transposed linear solves failed: pass "
+                                             "petsc_options={'ksp_max_it': 2000} or another 'pc_type', or "
+                                             "use options['jacobian']='dense' for small states",
         }
         name = _enum_name(PETSc.TS.ConvergedReason, reason)
         details = []
@@ -553,7 +561,9 @@ class Solver:
             if snes_reason < 0:
                 snes_name = _enum_name(PETSc.SNES.ConvergedReason, snes_reason)
                 details.append(f"Newton (SNES) {snes_name} after {snes.getIterationNumber()} iterations")
-                nonfinite = nonfinite or "NAN" in snes_name
+                if "NAN" in snes_name:
+                    # PETSc keeps the last finite norm (0 before the first): not the residual that failed
+                    nonfinite, residual = True, math.nan
             if ksp_reason < 0:
                 ksp_name = _enum_name(PETSc.KSP.ConvergedReason, ksp_reason)
                 details.append(f"Krylov (KSP) {ksp_name} after {snes.getKSP().getIterationNumber()} iterations")

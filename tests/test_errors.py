@@ -479,6 +479,8 @@ def test_nonfinite_state_in_the_forward(method, options, fail, y0):
     assert isinstance(err, SolverError) and err.phase == "forward"
     assert err.time is not None and err.step is not None and err.step_size is not None
     assert err.hint
+    if method == "beuler":   # PETSc's last finite norm (0 here) is not the residual that failed
+        assert math.isnan(err.residual)
     check(info, "forward solve failed at t=", "NaN or Inf in the state", "Hint:")
 
 
@@ -582,6 +584,18 @@ def test_krylov_divergence():
     err = info.value
     assert err.reason == "DIVERGED_NONLINEAR_SOLVE" and err.residual is not None
     check(info, "Krylov (KSP) DIVERGED_MAX_IT", "linear solves", "Hint:")
+
+
+def test_krylov_divergence_in_the_adjoint():
+    """The transposed solves of the backward: the error said 'PETSc reason -4', without a hint."""
+    y0 = Y0.clone().requires_grad_()
+    ys = NeuralODE(Net(), method="beuler", options={"step_size": 0.1, "jacobian": "matrix-free"},
+                   petsc_options={"ksp_max_it": 2, "snes_max_it": 1000, "snes_max_linear_solve_fail": 1000})(y0, T)
+    with pytest.raises(SolverError) as info:
+        ys.sum().backward()
+    err = info.value
+    assert err.phase == "backward" and err.reason == "ADJOINT_DIVERGED_LINEAR_SOLVE"
+    check(info, "Krylov (KSP) DIVERGED_MAX_IT", "Hint: the adjoint's transposed linear solves failed", "ksp_max_it")
 
 
 def _second_order_cases():
