@@ -7,6 +7,7 @@ solution the forward computed (reverse-accurate), for ``y0`` and every
 parameter.
 """
 
+import contextlib
 import time as _time
 from dataclasses import replace
 
@@ -22,13 +23,16 @@ class Run:
     """One call of odeint: the problem, its solver, and what backward needs."""
 
     def __init__(self, cache, solver, parts, params, y0, times, config, stats, layout, grid=None,
-                 current_params=None, buffers=()):
+                 current_params=None, modules=()):
         self.cache = cache
         self.solver = solver
         self.parts = parts
         self.params = params
         self.current_params = current_params  # func's parameters now, when they came from its modules
-        self.buffers = buffers        # func's floating-point buffers, saved for the version check
+        self.modules = modules        # func's nn.Modules
+        # Saved for autograd's version check, as the parameters are: an edit between the forward and
+        # a backward that evaluates func again (a running statistic, a mask) silently changed func.
+        self.buffers = [b for m in modules for b in m.buffers() if b.is_floating_point()]
         self.layout = layout
         self.grid = grid              # pnode.Grid of a distributed state, else None
         self.dtype = y0.dtype
@@ -111,8 +115,35 @@ class Run:
                 "recomputed because another call came in between) and would differentiate other tensors "
                 "than the forward used. Call backward before changing func")
 
+    @contextlib.contextmanager
+    def _buffers_aside(self):
+        """While the backward evaluates func again, func's modules hold copies of their buffers.
+
+        A BatchNorm in training mode updates its running statistics on every call: each
+        evaluation of the backward updated them once more, so after a training step they
+        depended on the memory mode (rk4, 40 steps: 40 updates with 'graphs', 80 with
+        'states', 160 with checkpoints=2). f sees the same values; the module's own
+        buffers stay as the forward left them, unedited (the version check above).
+        """
+        swapped = []
+        try:
+            for module in (m for root in self.modules for m in root.modules()):
+                for name, buffer in module.named_buffers(recurse=False):
+                    setattr(module, name, buffer.clone())
+                    swapped.append((module, name, buffer))
+            yield
+        finally:
+            for module, name, buffer in reversed(swapped):
+                setattr(module, name, buffer)
+
     def backward(self, grad_ys):
         g = self.layout.to_flat(grad_ys.detach(), lead=1).to(dtype=PETSC_DTYPE, device="cpu")
+        evaluates = self.config.checkpoints is not None or self.config.memory != "graphs" \
+            or self.solver.trajectory_owner is not self
+        with self._buffers_aside() if evaluates else contextlib.nullcontext():
+            return self._backward(g)
+
+    def _backward(self, g):
         if self.config.checkpoints is not None:
             self._check_same_parameters()
             return self._unflatten(*self._checkpointed_backward(g))

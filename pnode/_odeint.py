@@ -206,19 +206,17 @@ def _integrate(cache, func, y0, t, config, adjoint_params, stats, grid):
     params = _parameters(func, adjoint_params)
     # Parameters taken from func's modules are looked up again by a backward that evaluates func.
     current = (lambda: _parameters(func, None)) if adjoint_params is None else None
-    # Saved for autograd's version check, as the parameters are: an edit between the forward and
-    # a backward that evaluates func again (a running statistic, a mask) silently changed func.
-    buffers = [b for m in _modules(func) for b in m.buffers() if b.is_floating_point()]
+    modules = _modules(func)   # their buffers: see Run
     if not isinstance(y0, tuple):
-        return _solve(cache, func, y0, t, config, params, buffers, current, stats, grid)
+        return _solve(cache, func, y0, t, config, params, modules, current, stats, grid)
     if grid is not None:
         raise TypeError("a tuple y0 cannot be spread over a pnode.Grid; pass the field as one tensor")
     packed = _Packed(y0)
     return packed.unpack(_solve(cache, packed.wrap_func(func, config.method), packed.pack(y0), t, config, params,
-                                buffers, current, stats, None))
+                                modules, current, stats, None))
 
 
-def _solve(cache, func, y0, t, config, params, buffers, current_params, stats, grid):
+def _solve(cache, func, y0, t, config, params, modules, current_params, stats, grid):
     check_y0(y0)
     check_devices(y0, params)
     times = check_time(t, y0)
@@ -229,7 +227,7 @@ def _solve(cache, func, y0, t, config, params, buffers, current_params, stats, g
     solver = cache.get(config, y0.numel(), sum(p.numel() for p in params), tuple(sorted(parts)),
                        len(times), grid)
     layout = FlatLayout(y0.shape) if grid is None else grid.layout
-    run = Run(cache, solver, parts, params, y0, times, config, stats, layout, grid, current_params, buffers)
+    run = Run(cache, solver, parts, params, y0, times, config, stats, layout, grid, current_params, modules)
     try:
         if torch.is_grad_enabled() and (y0.requires_grad or params):
             return PnodeFunction.apply(run, y0, *params)
