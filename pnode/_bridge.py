@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import torch
 
+from ._buffers import Buffers
 from ._checkpoint import Checkpointer
 from ._petsc import DTYPE as PETSC_DTYPE
 from ._rhs import RHS, Tape
@@ -23,16 +24,13 @@ class Run:
     """One call of odeint: the problem, its solver, and what backward needs."""
 
     def __init__(self, cache, solver, parts, params, y0, times, config, stats, layout, grid=None,
-                 current_params=None, modules=()):
+                 current_params=None, buffers=None):
         self.cache = cache
         self.solver = solver
         self.parts = parts
         self.params = params
         self.current_params = current_params  # func's parameters now, when they came from its modules
-        self.modules = modules        # func's nn.Modules
-        # Saved for autograd's version check, as the parameters are: an edit between the forward and
-        # a backward that evaluates func again (a running statistic, a mask) silently changed func.
-        self.buffers = [b for m in modules for b in m.buffers() if b.is_floating_point()]
+        self.buffers = buffers if buffers is not None else Buffers(())   # of func's modules
         self.layout = layout
         self.grid = grid              # pnode.Grid of a distributed state, else None
         self.dtype = y0.dtype
@@ -67,13 +65,13 @@ class Run:
         self.stats.jacobians = 0
         self.stats.linearisations = 0
         self.stats.reset_backward()
-        with self.solver.held() as solver:
+        with self.solver.held() as solver, self.buffers.forward():
             # Calls that differ only in tolerances share a solver: this call's are set now.
             solver.config = self.config
             # With a checkpoint budget the forward keeps no trajectory, only y0 and the steps.
             owner = self if need_grad and not checkpointed else None
             ys = solver.forward(self._rhs(self.tape, in_backward=False), self.y0, self.times, owner=owner)
-            if checkpointed:
+            if need_grad:
                 self.recorded = solver.recorded_steps()
         return self.layout.from_flat(ys.to(dtype=self.dtype, device=self.device), lead=1)
 
@@ -96,76 +94,60 @@ class Run:
         self.stats.backward_seconds = _time.perf_counter() - start
         return grad_y0, grad_p
 
-    def _check_same_parameters(self):
-        """Refuse to evaluate func again for the backward if its parameters are other tensors now.
+    def _check_same_func(self):
+        """Refuse to evaluate func again for the backward if it is made of other tensors now.
 
-        In-place edits of a parameter are caught by autograd's version counter (the
-        parameters are saved for backward); a replaced submodule or a switched
-        requires_grad is not, and the re-evaluated f would use the new tensors while
+        In-place edits of a parameter or a buffer are caught by autograd's version counter
+        (they are saved for backward); a replaced submodule or buffer, or a switched
+        requires_grad, is not, and the re-evaluated f would use the new tensors while
         the gradient goes to the old ones.
         """
-        if self.current_params is None:
-            return
         # A superset is fine (parameters unfrozen since): the backward differentiates its own list.
-        if not {id(p) for p in self.params} <= {id(p) for p in self.current_params()}:
-            raise RuntimeError(
-                "func's parameters changed between this call's forward and its backward (a submodule was "
-                "replaced, or a parameter was frozen): the backward evaluates func again "
-                f"(memory={self.config.memory!r}, checkpoints={self.config.checkpoints}, or a forward "
-                "recomputed because another call came in between) and would differentiate other tensors "
-                "than the forward used. Call backward before changing func")
-
-    @contextlib.contextmanager
-    def _buffers_aside(self):
-        """While the backward evaluates func again, func's modules hold copies of their buffers.
-
-        A BatchNorm in training mode updates its running statistics on every call: each
-        evaluation of the backward updated them once more, so after a training step they
-        depended on the memory mode (rk4, 40 steps: 40 updates with 'graphs', 80 with
-        'states', 160 with checkpoints=2). f sees the same values; the module's own
-        buffers stay as the forward left them, unedited (the version check above).
-        """
-        swapped = []
-        try:
-            for module in (m for root in self.modules for m in root.modules()):
-                for name, buffer in module.named_buffers(recurse=False):
-                    setattr(module, name, buffer.clone())
-                    swapped.append((module, name, buffer))
-            yield
-        finally:
-            for module, name, buffer in reversed(swapped):
-                setattr(module, name, buffer)
+        if self.current_params is not None and \
+                not {id(p) for p in self.params} <= {id(p) for p in self.current_params()}:
+            what, how = "parameters", "a submodule was replaced, or a parameter was frozen"
+        elif self.buffers.changed():
+            what, how = "modules", "a buffer was assigned anew, or a submodule replaced"
+        else:
+            return
+        raise RuntimeError(
+            f"func's {what} changed between this call's forward and its backward ({how}): the backward "
+            "evaluates func again "
+            f"(memory={self.config.memory!r}, checkpoints={self.config.checkpoints}, or a forward "
+            "recomputed because another call came in between) and would differentiate another func "
+            "than the forward's. Call backward before changing func")
 
     def backward(self, grad_ys):
         g = self.layout.to_flat(grad_ys.detach(), lead=1).to(dtype=PETSC_DTYPE, device="cpu")
-        evaluates = self.config.checkpoints is not None or self.config.memory != "graphs" \
-            or self.solver.trajectory_owner is not self
-        with self._buffers_aside() if evaluates else contextlib.nullcontext():
-            return self._backward(g)
-
-    def _backward(self, g):
         if self.config.checkpoints is not None:
-            self._check_same_parameters()
-            return self._unflatten(*self._checkpointed_backward(g))
+            self._check_same_func()
+            with self.buffers.aside():
+                return self._unflatten(*self._checkpointed_backward(g))
         with self.solver.held() as solver:   # from the ownership check to the adjoint's end
-            if self.config.memory != "graphs" or solver.trajectory_owner is not self:
-                self._check_same_parameters()
-            solver.config = self.config
-            if solver.trajectory_owner is not self:
-                # Another forward overwrote the trajectory, or a first backward consumed it
-                # (retain_graph): recompute the forward so the adjoint sees this run's steps.
-                # Counted apart: the stats (a NeuralODE's are shared) keep describing the last forward.
-                scratch = Stats()
-                self.tape = Tape() if self.config.memory == "graphs" else None
-                solver.forward(self._rhs(self.tape, in_backward=True, stats=scratch), self.y0, self.times,
-                               owner=self)
-                self.stats.recomputed_steps += scratch.steps
-                self.stats.recomputed_rhs += scratch.recomputed_rhs
-                self.stats.jacobians += scratch.jacobians
-            try:
-                grad_y0, grad_p = solver.backward(self._rhs(self.tape, in_backward=True), g)
-            finally:
-                self.tape = None
+            recompute = solver.trajectory_owner is not self
+            evaluates = self.config.memory != "graphs" or recompute
+            if evaluates:
+                self._check_same_func()
+            with self.buffers.aside() if evaluates else contextlib.nullcontext():
+                solver.config = self.config
+                if recompute:
+                    # Another forward overwrote the trajectory, or a first backward consumed it
+                    # (retain_graph): recompute the forward so the adjoint sees this run's steps.
+                    # Counted apart: the stats (a NeuralODE's are shared) keep describing the last forward.
+                    scratch = Stats()
+                    self.tape = Tape() if self.config.memory == "graphs" else None
+                    # On the recorded steps: a TS another call left in another state (the step size
+                    # PETSc's adaptor cached for an output time that call never reached) chose
+                    # other steps, and the adjoint of those was 2% off this forward's gradient.
+                    solver.forward(self._rhs(self.tape, in_backward=True, stats=scratch), self.y0, self.times,
+                                   owner=self, sizes=self.recorded[1])
+                    self.stats.recomputed_steps += scratch.steps
+                    self.stats.recomputed_rhs += scratch.recomputed_rhs
+                    self.stats.jacobians += scratch.jacobians
+                try:
+                    grad_y0, grad_p = solver.backward(self._rhs(self.tape, in_backward=True), g)
+                finally:
+                    self.tape = None
         return self._unflatten(grad_y0, grad_p)
 
     def _unflatten(self, grad_y0, grad_p):
@@ -234,7 +216,7 @@ class PnodeFunction(torch.autograd.Function):
         # values. Not y0, which the run keeps a copy of (torchdiffeq's adjoint lets an input
         # buffer be refilled), nor ys: saving it would make an in-place edit of the outputs
         # fail the backward.
-        ctx.save_for_backward(ys.new_empty(0), *params, *run.buffers)
+        ctx.save_for_backward(ys.new_empty(0), *params, *run.buffers.saved)
         return ys
 
     @staticmethod
@@ -245,7 +227,9 @@ class PnodeFunction(torch.autograd.Function):
                                "(torch.autograd.grad(is_grads_batched=True), jacobian(vectorize=True), "
                                "gradcheck(check_batched_grad=True)): use vectorize=False, or a loop")
         create_graph = torch.is_grad_enabled()
-        with torch.no_grad():
+        # A backward under inference_mode (PyTorch allows one) made the solver's cached views of
+        # its Vecs inference tensors, and every later call of the module failed on them.
+        with torch.inference_mode(False), torch.no_grad():
             grad_y0, grad_params = ctx.run.backward(grad_ys)
         grads = [grad_y0, *grad_params]
         if create_graph:

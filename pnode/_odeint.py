@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ._bridge import PnodeFunction, Run
+from ._buffers import Buffers, buffer_owners
 from ._errors import RHSError
 from ._rhs import FlatLayout, autograd_edges
 from ._options import check_devices, check_dtypes, check_no_transform, check_time, check_y0, make_config
@@ -206,17 +207,17 @@ def _integrate(cache, func, y0, t, config, adjoint_params, stats, grid):
     params = _parameters(func, adjoint_params)
     # Parameters taken from func's modules are looked up again by a backward that evaluates func.
     current = (lambda: _parameters(func, None)) if adjoint_params is None else None
-    modules = _modules(func)   # their buffers: see Run
+    buffers = Buffers(buffer_owners(func))
     if not isinstance(y0, tuple):
-        return _solve(cache, func, y0, t, config, params, modules, current, stats, grid)
+        return _solve(cache, func, y0, t, config, params, buffers, current, stats, grid)
     if grid is not None:
         raise TypeError("a tuple y0 cannot be spread over a pnode.Grid; pass the field as one tensor")
     packed = _Packed(y0)
     return packed.unpack(_solve(cache, packed.wrap_func(func, config.method), packed.pack(y0), t, config, params,
-                                modules, current, stats, None))
+                                buffers, current, stats, None))
 
 
-def _solve(cache, func, y0, t, config, params, modules, current_params, stats, grid):
+def _solve(cache, func, y0, t, config, params, buffers, current_params, stats, grid):
     check_y0(y0)
     check_devices(y0, params)
     times = check_time(t, y0)
@@ -227,7 +228,7 @@ def _solve(cache, func, y0, t, config, params, modules, current_params, stats, g
     solver = cache.get(config, y0.numel(), sum(p.numel() for p in params), tuple(sorted(parts)),
                        len(times), grid)
     layout = FlatLayout(y0.shape) if grid is None else grid.layout
-    run = Run(cache, solver, parts, params, y0, times, config, stats, layout, grid, current_params, modules)
+    run = Run(cache, solver, parts, params, y0, times, config, stats, layout, grid, current_params, buffers)
     try:
         if torch.is_grad_enabled() and (y0.requires_grad or params):
             return PnodeFunction.apply(run, y0, *params)

@@ -69,7 +69,7 @@ class Solver:
         self.u_view = self.view(self.u)
         self.lam_view = self.view(self.lam)
         self.mu_view = self.view(self.mu) if n_params else None
-        self.trajectory_owner = None   # the run whose trajectory the TS holds
+        self._owner = None             # weak reference to the run whose trajectory the TS holds
         self.broken = False            # set when a failure left it unusable: the cache replaces it
         self._has_trajectory = True    # build_ts sets one up
         self._step_times = []
@@ -100,6 +100,32 @@ class Solver:
                 self.busy -= 1
                 if not self.busy:
                     self.rhs = None
+
+    @property
+    def trajectory_owner(self):
+        """The run whose forward the TS's trajectory records, while it lives and has not used it."""
+        return self._owner() if self._owner is not None else None
+
+    def _own(self, owner):
+        """Record the trajectory about to be made as ``owner``'s, held weakly.
+
+        A strong reference kept a run whose outputs were dropped without a backward (a
+        validation pass outside no_grad) alive with its tape: 500 MB per call, up to the
+        cache size. When the run dies its trajectory goes too, unless a call holds the
+        solver (then the next forward replaces it).
+        """
+        me = weakref.ref(self)
+
+        def dropped(ref):
+            solver = me()
+            if solver is None or solver._owner is not ref or not solver.lock.acquire(blocking=False):
+                return
+            try:
+                if not solver.busy:
+                    solver.release_trajectory()
+            finally:
+                solver.lock.release()
+        self._owner = weakref.ref(owner, dropped) if owner is not None else None
 
     def vectors(self):
         """New (state, parameter) Vecs; the parameter one is None without parameters."""
@@ -323,8 +349,11 @@ class Solver:
     def _raise_contained(self, phase):
         """On a Grid over several ranks: raise the error func raised on some ranks (GridSolver)."""
 
-    def forward(self, rhs, y0_flat, times, owner):
-        """Integrate; return the states at ``times`` as a (len(times), n) tensor."""
+    def forward(self, rhs, y0_flat, times, owner, sizes=None):
+        """Integrate; return the states at ``times`` as a (len(times), n) tensor.
+
+        With ``sizes``, take exactly those steps: a backward recomputing its forward.
+        """
         self._serve(rhs)
         ts = self.ts
         self._pcache = None
@@ -350,27 +379,22 @@ class Solver:
         self._fixed_h = h if self.config.fixed else None
         self._outputs, self._next_output = times, 0
         self._prepare_trajectory(owner is not None)
-        self.trajectory_owner = owner
+        self._own(owner)
         self._step_times = [ts.getTime()]
         self.step_sizes = []
-        self._run(ts.solve, self.u, phase="forward")
-        reason = ts.getConvergedReason()
-        if reason < 0:
-            raise self._failure("the time integrator stopped", "forward", reason)
+        self._replay = (0, sizes) if sizes is not None else None
+        try:
+            self._run(ts.solve, self.u, phase="forward")
+        finally:
+            self._replay = None
+        failure = self._check_outputs(rhs, times, sizes)
+        if failure is not None:
+            # PETSc stopped without an error, with state a next solve would inherit (the step
+            # size its adaptor cached to land on the output time it never reached: the next
+            # call took other steps, 4.5e-10 off a fresh module's): start over.
+            self._recover()
+            raise failure
         sol_times, sols = ts.getEvaluationSolutions()
-        if len(sols) != len(times):
-            raise SolverError(f"reached {len(sols)} of {len(times)} output times", phase="forward",
-                              time=rhs.user_time(ts.getTime()), step=ts.getStepNumber(),
-                              hint="raise options['max_num_steps']")
-        for want, got in zip(times, sol_times):
-            # PETSc takes a step as landing on an output time within 1e-6 h relative to
-            # |s|: a span of 1e6 would make that a whole step and shift the outputs.
-            if not close_times(want, float(got)):
-                raise SolverError(f"PETSc stored the output for t={rhs.user_time(want):.17g} at "
-                                  f"t={rhs.user_time(float(got)):.17g}", phase="forward",
-                                  time=rhs.user_time(float(got)), step=ts.getStepNumber(),
-                                  hint="the span of t is too long for its steps in PETSc's time "
-                                       "matching; split t into shorter solves")
         index = {s: i for i, s in enumerate(self._step_times)}
         self.output_steps = [index[float(s)] for s in sol_times]
         ys = torch.stack([self.view(v).clone() for v in sols])
@@ -384,6 +408,36 @@ class Solver:
         st.trajectory_bytes = st.steps * self.step_bytes if owner is not None else 0
         st.forward_seconds = _time.perf_counter() - start
         return ys
+
+    def _check_outputs(self, rhs, times, sizes):
+        """The error of a solve that ended without reaching every output time, else None."""
+        ts = self.ts
+        if sizes is not None and self.step_sizes != sizes:
+            return SolverError(f"the forward recomputed for the backward took {len(self.step_sizes)} steps other "
+                               f"than the {len(sizes)} it recorded", phase="backward",
+                               time=rhs.user_time(ts.getTime()), step=ts.getStepNumber(),
+                               hint="a nondeterministic func cannot be recomputed; take the backward "
+                                    "before another call of the same module")
+        reason = ts.getConvergedReason()
+        if reason < 0:
+            return self._failure("the time integrator stopped", "forward", reason)
+        sol_times, sols = ts.getEvaluationSolutions()
+        if len(sols) != len(times):
+            return SolverError(f"reached {len(sols)} of {len(times)} output times", phase="forward",
+                               time=rhs.user_time(ts.getTime()), step=ts.getStepNumber(),
+                               step_size=ts.getTimeStep(), reason="DIVERGED_MAX_STEPS",
+                               hint="raise options['max_num_steps']")
+        for want, got in zip(times, sol_times):
+            # PETSc takes a step as landing on an output time within 1e-6 h relative to
+            # |s|: a span of 1e6 would make that a whole step and shift the outputs.
+            if not close_times(want, float(got)):
+                return SolverError(f"PETSc stored the output for t={rhs.user_time(want):.17g} at "
+                                   f"t={rhs.user_time(float(got)):.17g}", phase="forward",
+                                   time=rhs.user_time(float(got)), step=ts.getStepNumber(),
+                                   step_size=ts.getTimeStep(),
+                                   hint="the span of t is too long for its steps in PETSc's time "
+                                        "matching; split t into shorter solves")
+        return None
 
     def recorded_steps(self):
         """(step times, step sizes, output step indices) of the last forward, for replays."""
@@ -450,6 +504,15 @@ class Solver:
             apply_options(ts)
             self._has_trajectory = True
 
+    def release_trajectory(self):
+        """Free the trajectory once its adjoint ran (a second backward recomputes the forward).
+
+        Kept, it stayed allocated (98 MB in one case) in every cached solver until that
+        solver's next forward.
+        """
+        self._owner = None
+        self._prepare_trajectory(False)
+
     def backward(self, rhs, grad_ys):
         """Given dL/dy(t_i) as a (len(times), n) tensor, return (dL/dy0, dL/dp)."""
         self._serve(rhs)
@@ -464,7 +527,7 @@ class Solver:
             self._adjoint_segment(steps[i] - steps[i - 1])
             self.lam_view.add_(grad_ys[i - 1])
             self.lam.stateIncrease()
-        self.trajectory_owner = None
+        self.release_trajectory()
         self._pcache = None
         rhs.release_graph()
         rhs.stats.backward_seconds = _time.perf_counter() - start
@@ -538,7 +601,6 @@ class Solver:
             "DIVERGED_NONLINEAR_SOLVE": "Newton failed: reduce options['step_size'] (fixed steps), or pass "
                                         "SNES options such as petsc_options={'snes_max_it': 200}; check that "
                                         "func is differentiable in y",
-            "DIVERGED_MAX_STEPS": "raise options['max_num_steps']",
             "ADJOINT_DIVERGED_LINEAR_SOLVE": "the adjoint's transposed linear solves failed: pass "
                                              "petsc_options={'ksp_max_it': 2000} or another 'pc_type', or "
                                              "use options['jacobian']='dense' for small states",

@@ -380,3 +380,34 @@ def test_gradients_at_large_absolute_times(name, options):
     stage times as t_k + c h from t = 1e6, pnode as t_0 + (s_k + c h): they differ by the
     spacing of float64 at 1e6 (1.2e-10), which f's sin(t) passes on (observed 1.3e-12)."""
     _check(pnode.METHODS[name], options, t=T + 1e6, forward_tol=1e-11)
+
+
+def _stopped_call(func, y0, t, kw):
+    """A call on the same module that stops at max_num_steps (caught, as a training loop skipping a batch)."""
+    with pytest.raises(pnode.SolverError) as info:
+        pnode.odeint(func, y0.detach(), t, options={"max_num_steps": 11}, **kw)
+    assert info.value.reason == "DIVERGED_MAX_STEPS" and info.value.step_size > 0
+
+
+@pytest.mark.parametrize("recover", [True, False], ids=["as_is", "without_recovery"])
+def test_a_call_stopped_at_max_num_steps_leaves_nothing_behind(recover, monkeypatch):
+    """PETSc's adaptor kept the step size it had cut to land on an output time the stopped
+    call never reached: the next call took other steps (4.5e-10 off a fresh module), and a
+    backward recomputing its forward took them too (bosh3: gradients 2% off). The solver
+    now starts over after such a stop; and, should a TS still be left in another state
+    (``without_recovery``), a recomputed forward takes the steps its forward recorded."""
+    if not recover:
+        monkeypatch.setattr(pnode._solver.Solver, "_recover", lambda self: None)
+    t = torch.tensor([0.0, 0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
+    func = MLP(scale=2.0)
+    y0 = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    kw = dict(method="bosh3", rtol=1e-3, atol=1e-3)
+    fresh = pnode.odeint(MLP(scale=2.0), y0.detach(), t, **kw)
+    ys, stats = pnode.odeint(func, y0, t, return_stats=True, **kw)
+    _stopped_call(func, y0, t, kw)
+    if recover:
+        assert torch.equal(pnode.odeint(func, y0.detach(), t, **kw), fresh)
+    g = torch.autograd.grad(loss_fn(ys), [y0, *func.parameters()])
+    g_ref = torch.autograd.grad(loss_fn(_reference(func, y0, "3bs", stats.step_times, t)), [y0, *func.parameters()])
+    for a, b in zip(g, g_ref):
+        assert rel_err(a, b) < 1e-12

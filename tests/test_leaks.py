@@ -186,11 +186,32 @@ def test_backward_releases_the_run(options):
     assert run().tape is None
     for solver in module._cache.solvers.values():
         assert solver.trajectory_owner is None
+        # it held one per solver (a checkpointed backward's one-step replays keep theirs)
+        assert not solver._has_trajectory or solver.config.replay == "tape"
         assert solver.rhs is None
     del ys
     gc.collect()
     assert run() is None
     assert not [r for r in _live(Run) if id(r) not in before]
+
+
+@pytest.mark.parametrize("options", [{"step_size": 0.25}, {"step_size": 0.25, "memory": "states"}])
+def test_outputs_dropped_without_a_backward_release_the_run(options):
+    """A validation pass outside no_grad: the solver held its run strongly as the trajectory's
+    owner, and with it the tape of graphs (500 MB a call in a larger model) until the cache
+    evicted the solver. The trajectory goes with the run."""
+    from pnode._bridge import Run
+    module = pnode.NeuralODE(Fn(), method="rk4", options=options)
+    y0 = torch.tensor([[1.0, -0.5]], dtype=torch.float64, requires_grad=True)
+    gc.collect()
+    before = {id(r) for r in _live(Run)}
+    for n in (3, 4, 5):
+        module(y0, torch.linspace(0.0, 1.0, n, dtype=torch.float64))
+    gc.collect()
+    assert not [r for r in _live(Run) if id(r) not in before]
+    assert len(module._cache.solvers) == 3
+    for solver in module._cache.solvers.values():
+        assert solver.trajectory_owner is None and not solver._has_trajectory
 
 
 @pytest.mark.parametrize("options", [{"step_size": 0.25}, {"step_size": 0.25, "checkpoints": 2},

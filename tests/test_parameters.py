@@ -101,6 +101,54 @@ def test_running_statistics_do_not_depend_on_the_memory_mode():
             assert torch.equal(a, b)
 
 
+def test_a_buffer_that_needs_a_gradient_gets_it_in_every_mode():
+    """A tensor in adjoint_params that func keeps as a buffer: the recomputing backwards
+    evaluated f on a copy of it made under no_grad, and its gradient came out 0."""
+    func = Two()
+    func.register_buffer("c", torch.tensor([0.5, -1.5], dtype=torch.float64, requires_grad=True))
+    func.forward = lambda t, y: func.c * Two.forward(func, t, y)
+    params = [func.c, *func.parameters()]
+    grads = [torch.autograd.grad(pnode.odeint(func, y0_(), T, **rk4(m), adjoint_params=params).pow(2).sum(), params)
+             for m in [{}] + RECOMPUTING]
+    assert grads[0][0].abs().min() > 0
+    for other in grads[1:]:
+        for a, b in zip(other, grads[0]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("replace", ["buffer", "submodule"])
+@pytest.mark.parametrize("memory_options", RECOMPUTING)
+def test_buffer_or_submodule_replaced_between_forward_and_backward_raises(memory_options, replace):
+    """The version check sees edits in place only: a running_var assigned anew, or a
+    parameter-free submodule swapped, and the recomputing backwards evaluated the new func
+    (gradients 77% off the forward's) without a word."""
+    func = Two()
+    func.norm = nn.BatchNorm1d(2, affine=False).double().eval()
+    func.forward = lambda t, y: func.norm(Two.forward(func, t, y))
+    ys = pnode.odeint(func, y0_(), T, **rk4(memory_options))
+    if replace == "buffer":
+        func.norm.running_var = torch.full((2,), 4.0, dtype=torch.float64)
+    else:
+        func.norm = nn.BatchNorm1d(2, affine=False).double().eval()
+    with pytest.raises(RuntimeError, match="func's modules changed between this call's forward and its backward"):
+        ys.sum().backward()
+
+
+def test_running_statistics_of_a_bound_method_s_module():
+    """func = module.method: its module's buffers were neither kept from the recomputing
+    backwards (running statistics updated 40, 80, 160 times) nor version-checked."""
+    stats = []
+    for memory_options in [{}] + RECOMPUTING:
+        module = _Normalised()
+        module.dynamics = module.forward
+        ys = pnode.odeint(module.dynamics, y0_().repeat(2, 1), T, **rk4(memory_options),
+                          adjoint_params=tuple(module.parameters()))
+        ys.pow(2).sum().backward()
+        stats.append([b.clone() for b in module.buffers()])
+    for other in stats[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(other, stats[0]))
+
+
 @pytest.mark.parametrize("memory_options", [{}] + RECOMPUTING)
 def test_y0_buffer_refilled_before_the_backward(memory_options):
     """Gradient accumulation over batches copied into one input buffer, as torchdiffeq's

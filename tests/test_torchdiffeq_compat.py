@@ -229,3 +229,22 @@ def test_inference_mode_then_training(method):
     fresh = pnode.NeuralODE(net, method=method, options={"step_size": 0.1})(y0, T)
     assert torch.equal(ys_inference, ys.detach()) and torch.equal(ys.detach(), fresh.detach())
     assert net.lin.weight.grad is not None
+
+
+@pytest.mark.parametrize("options", [{"step_size": 0.1}, {"step_size": 0.1, "memory": "states"},
+                                     {"step_size": 0.1, "checkpoints": 2}])
+def test_backward_under_inference_mode(options):
+    """PyTorch runs a backward under inference_mode when the graph was built outside it: the
+    solver's views of its Vecs were then cached as inference tensors and every later call
+    failed ('Inplace update to inference tensor'); with memory='states' the backward itself
+    raised 'element 0 of tensors does not require grad'."""
+    net = nn.Linear(2, 2).double()
+    node = pnode.NeuralODE(lambda t, y: torch.tanh(net(y)), method="rk4", options=options,
+                           adjoint_params=tuple(net.parameters()))
+    y0 = torch.tensor([[1.0, -0.5], [0.25, 0.5]], dtype=torch.float64, requires_grad=True)
+    loss = node(y0, T).pow(2).sum()
+    with torch.inference_mode():
+        grads = torch.autograd.grad(loss, [y0, *net.parameters()])
+    again = torch.autograd.grad(node(y0, T).pow(2).sum(), [y0, *net.parameters()])
+    for a, b in zip(grads, again):
+        assert torch.equal(a, b)
