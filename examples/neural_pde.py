@@ -97,20 +97,22 @@ def initial_field(n, seed):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=32, help="grid points per side")
+    p.add_argument("--n", type=int, help="grid points per side (default 32, 24 with --quick)")
     p.add_argument("--t-end", type=float, default=4.0)
     p.add_argument("--snapshots", type=int, default=8)
     p.add_argument("--step-size", type=float, default=0.1)
     p.add_argument("--method", default="arkimex", help="an IMEX method (arkimex*), or any pnode method")
-    p.add_argument("--hidden", type=int, default=24)
-    p.add_argument("--iterations", type=int, default=200)
+    p.add_argument("--hidden", type=int, help="default 24, 16 with --quick")
+    p.add_argument("--iterations", type=int, help="default 200, 60 with --quick")
     p.add_argument("--lr", type=float, default=3e-2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small grid, few iterations (the test's mode)")
     p.add_argument("--out", default="outputs/neural_pde.png")
     args = p.parse_args(argv)
-    if args.quick:
-        args.n, args.iterations, args.hidden = 24, 60, 16
+    # --quick sets defaults only: a value given with it stays
+    for name, full, quick in (("n", 32, 24), ("iterations", 200, 60), ("hidden", 24, 16)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     return args
 
 

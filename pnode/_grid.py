@@ -118,10 +118,12 @@ class Grid:
         for axis, along in enumerate(widths):
             # Along an axis one rank spans, every block is the whole axis and PETSc's verdict
             # is the same on every rank (it accepts a periodic z of one plane, for instance).
-            if len(along) > 1 and min(along) < self.stencil_width:
+            # An empty block (a rank more than points, stencil width 0) has nothing to integrate.
+            if len(along) > 1 and min(along) < max(1, self.stencil_width):
                 raise ValueError(self._cannot_lay_out(
                     f"the narrowest rank's block is {min(along)} points wide along {'xyz'[axis]} (tensor "
-                    f"dimension {len(self.shape) - 1 - axis}), less than the stencil width"))
+                    f"dimension {len(self.shape) - 1 - axis}), less than " +
+                    ("the stencil width" if min(along) else "one point")))
 
     def __repr__(self):
         return (f"Grid(shape={self.shape}, dof={self.dof}, stencil_width={self.stencil_width}, "
@@ -164,6 +166,26 @@ class Grid:
         # Imported here: importing pnode.distributed under mpiexec installs its abort hook.
         from .distributed import allreduce_sum
         return allreduce_sum(value, self.comm.tompi4py())
+
+    def _agree(self, check):
+        """check() on every rank, and the first rank's exception from it raised on all of them.
+
+        A rank that raised alone (y0 with a NaN in its block, a petsc_option one rank
+        misspelt) left the others to pair their solve with its next call: wrong results,
+        then a hang.
+        """
+        try:
+            result, mine = check(), None
+        except Exception as exc:   # noqa: BLE001 - said on every rank, then raised
+            result, mine = None, exc
+        said = self.comm.tompi4py().allgather(None if mine is None else (type(mine).__name__, str(mine)))
+        if mine is not None:
+            raise mine
+        for rank, what in enumerate(said):
+            if what is not None:
+                kind = {"TypeError": TypeError, "RuntimeError": RuntimeError}.get(what[0], ValueError)
+                raise kind(f"on rank {rank}: {what[1]}")
+        return result
 
     def _check_state(self, y0, times, config, params):
         """Check this call's arguments, with the same verdict on every rank.

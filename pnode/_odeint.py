@@ -193,25 +193,41 @@ class _Packed:
         return self.wrap(func)
 
 
-def _integrate(cache, func, y0, t, config, adjoint_params, stats, grid):
-    """odeint and NeuralODE: find the parameters, pack a tuple state, solve."""
+def _check_transforms(func, y0, adjoint_params):
     check_no_transform(y0 if isinstance(y0, tuple) else (y0,),
                        lambda: [p for m in _modules(func) for p in m.parameters()] if adjoint_params is None
                        else adjoint_params)
+
+
+def _validate(func, y0, t, adjoint_params):
+    """Every check of a call's arguments that one rank of a Grid could fail alone."""
+    _check_transforms(func, y0, adjoint_params)
+    params = _parameters(func, adjoint_params)
+    if isinstance(y0, tuple):
+        raise TypeError("a tuple y0 cannot be spread over a pnode.Grid; pass the field as one tensor")
+    check_y0(y0)
+    check_devices(y0, params)
+    check_time(t, y0)
+
+
+def _integrate(cache, func, y0, t, config, adjoint_params, stats, grid):
+    """odeint and NeuralODE: find the parameters, pack a tuple state, solve."""
     if torch.is_inference_mode_enabled():
         # Tensors made in inference mode cannot be updated outside it: the solver's cached
         # views of its Vecs would fail every later call. Nor can autograd run in it, which
         # Newton's Jacobians need. The outputs are then ordinary tensors.
         with torch.inference_mode(False), torch.no_grad():
             return _integrate(cache, func, y0, t, config, adjoint_params, stats, grid)
+    if grid is not None:
+        # One verdict for all ranks (Grid._check_state then compares what must agree between them).
+        grid._agree(lambda: _validate(func, y0, t, adjoint_params))
+    _check_transforms(func, y0, adjoint_params)
     params = _parameters(func, adjoint_params)
     # Parameters taken from func's modules are looked up again by a backward that evaluates func.
     current = (lambda: _parameters(func, None)) if adjoint_params is None else None
     buffers = Buffers(buffer_owners(func))
     if not isinstance(y0, tuple):
         return _solve(cache, func, y0, t, config, params, buffers, current, stats, grid)
-    if grid is not None:
-        raise TypeError("a tuple y0 cannot be spread over a pnode.Grid; pass the field as one tensor")
     packed = _Packed(y0)
     return packed.unpack(_solve(cache, packed.wrap_func(func, config.method), packed.pack(y0), t, config, params,
                                 buffers, current, stats, None))
@@ -258,6 +274,11 @@ def _refuse_unknown(kwargs):
         raise TypeError(f"odeint got an unexpected keyword argument {key!r}")
 
 
+def _make_config(grid, *args):
+    # On a Grid every rank passes its own arguments: one rank's bad option raised there alone.
+    return make_config(*args) if grid is None else grid._agree(lambda: make_config(*args))
+
+
 def odeint(func, y0, t, *, method="dopri5", rtol=1e-7, atol=1e-9, options=None,
            adjoint_params=None, petsc_options=None, grid=None, return_stats=False, **kwargs):
     """Solve dy/dt = func(t, y) from y(t[0]) = y0 and return y at every time in ``t``.
@@ -291,7 +312,7 @@ def odeint(func, y0, t, *, method="dopri5", rtol=1e-7, atol=1e-9, options=None,
         return_stats: also return a :class:`pnode.Stats` (filled in by backward too).
     """
     _refuse_unknown(kwargs)
-    config = make_config(method, rtol, atol, options, petsc_options)
+    config = _make_config(grid, method, rtol, atol, options, petsc_options)
     stats = Stats()
     ys = _integrate(_cache_for(func), func, y0, t, config, adjoint_params, stats, grid)
     return (ys, stats) if return_stats else ys
@@ -312,7 +333,7 @@ class NeuralODE(nn.Module):
         super().__init__()
         self.func = func
         self.grid = grid
-        self.config = make_config(method, rtol, atol, options, petsc_options)
+        self.config = _make_config(grid, method, rtol, atol, options, petsc_options)
         self.adjoint_params = None if adjoint_params is None else tuple(adjoint_params)
         _parameters(func, self.adjoint_params)   # a plain callable without adjoint_params fails here, not later
         self.stats = Stats()

@@ -46,6 +46,7 @@ def test_grid_too_small_for_its_ranks_fails_on_every_rank():
     out = _mpiexec("layout_check.py", timeout=120, ranks=3)   # a hang would end in TimeoutExpired
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("less than the stencil width") == 3, out.stdout + out.stderr
+    assert out.stdout.count("0 points wide along x (tensor dimension 0), less than one point") == 3, out.stdout
     assert out.stdout.count("past the barrier") == 3, out.stdout + out.stderr
     assert out.stdout.count("built a plane") == 3, out.stdout + out.stderr
 
@@ -56,8 +57,11 @@ def test_failures_on_one_rank_of_a_grid_are_caught_on_every_rank():
     out = _mpiexec("grid_recover_check.py", timeout=180)   # a hang would end in TimeoutExpired
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
-    assert text.count("caught") == 14 and "no exception" not in text, text + out.stderr
-    assert text.count("next call same gradient") == 14, text + out.stderr
+    assert text.count("caught") == 18 and "no exception" not in text, text + out.stderr
+    assert text.count("next call same gradient") == 18, text + out.stderr
+    assert text.count("ValueError caught: y0 contains NaN or Inf") == 1, text
+    assert text.count("ValueError caught: on rank 1: y0 contains NaN or Inf") == 1, text
+    assert text.count("ValueError caught: on rank 1: PETSc rejected petsc_options") == 1, text
     assert text.count("RHSError caught: func raised FloatingPointError: rank 1 failed on purpose") == 2, text
     assert text.count("RHSError caught: on rank 1 of 2: func raised FloatingPointError") == 2, text
     assert text.count("rank 1's backward failed on purpose") == 2, text

@@ -2,8 +2,8 @@
 
 func raising on rank 1 only (in the forward, in its backward, with an explicit and an
 implicit method), arguments that differ between the ranks, and a func that is NaN at t0
-must give every rank a pnode exception, and the next call must give the same gradient as
-before. Each of these used to leave rank 0 waiting in a collective call forever.
+must give every rank a pnode exception (arguments one rank alone refuses: the same
+ValueError), and the next call must give the same gradient as before. Each of these used to leave rank 0 waiting in a collective call forever.
 """
 
 import torch
@@ -63,6 +63,12 @@ cases = {
     "step_size differs": lambda: gradient(method="rk4", options={"step_size": 0.01 * (1 + rank)}),
     "method differs": lambda: gradient(method=["rk4", "dopri5"][rank]),
     "y0 shape on rank 1": lambda: pnode.odeint(func, y0[:, :3] if rank else y0, t, adjoint_params=[w], grid=grid, **RK4),
+    # Checks each rank made alone: the others' solve paired with rank 1's next call (wrong losses, then a hang).
+    "NaN in rank 1's y0": lambda: pnode.odeint(func, y0 * float("nan") if rank else y0, t, adjoint_params=[w],
+                                                grid=grid, **RK4),
+    "petsc_options rank 1 misspelt": lambda: pnode.odeint(func, y0, t, adjoint_params=[w], grid=grid,
+                                                          petsc_options={"ts_adapt_type": "nonexistent"} if rank
+                                                          else None, method="dopri5"),
 }
 good = {"rk4": gradient(**RK4), "beuler": gradient(**BEULER)}
 for name, case in cases.items():

@@ -1,5 +1,5 @@
 """Run under `mpiexec -n 3`: a grid of 5 points with stencil width 2 leaves one rank a
-block of 1 point. PETSc found that on that rank alone, inside the DMDA's creation, and the
+block of 1 point (and a grid of 2 points one of none). PETSc found that on that rank alone, inside the DMDA's creation, and the
 other ranks waited there forever; every rank must get the ValueError and go on. A 3-D grid
 of one periodic plane, which PETSc lays out with a stencil wider than the plane, must still
 build."""
@@ -10,6 +10,10 @@ from pnode._petsc import PETSc
 rank = PETSc.COMM_WORLD.getRank()
 try:
     pnode.Grid((5,), dof=1, stencil_width=2)
+except ValueError as exc:
+    print(f"rank {rank}: ValueError {exc}", flush=True)
+try:   # 2 points on 3 ranks: an empty block, which odeint then refused on that rank alone (a hang)
+    pnode.Grid((2,), dof=1, stencil_width=0)
 except ValueError as exc:
     print(f"rank {rank}: ValueError {exc}", flush=True)
 PETSc.COMM_WORLD.barrier()
