@@ -18,7 +18,11 @@ from ._methods import Method, get_method
 from ._petsc import DTYPE as PETSC_DTYPE, EPS as PETSC_EPS, PETSc, petsc_message
 
 MEMORY_MODES = ("graphs", "states")
-DIRECT_PCS = ("lu", "cholesky")   # exact solves with the dense Jacobian
+# Exact solves with the dense Jacobian. Not cholesky: shift * I - df/dy is not symmetric, and a
+# Cholesky factor reads one triangle (the adjoint's transposed solves were 3% off).
+DIRECT_PCS = ("lu",)
+# Preconditioners PETSc cannot apply transposed to a general matrix, as the adjoint must
+_NO_TRANSPOSE_PCS = ("sor", "eisenstat")
 JACOBIANS = ("blockdiag", "dense", "matrix-free", "colored")
 # The midpoint theta form divides the stage increment by theta: below this, rounding
 # alone costs more than 1e-9 over 20 steps (theta = 1e-6: 4.6e-9; 1e-8: 8.6e-7).
@@ -95,6 +99,12 @@ class Config:
                 "(4.6e-2 with blockdiag on an f that couples samples). It is exact only with "
                 f"options['jacobian']='dense' and a factorization (pc_type among {DIRECT_PCS}); otherwise drop "
                 "ksp_type and let Krylov iterate to pnode's tolerances")
+        if pc is not None and pc.lower() in _NO_TRANSPOSE_PCS:
+            # PETSc found out in the backward, after the whole forward ("Can only apply transpose of
+            # SOR if matrix is symmetric")
+            raise ValueError(f"petsc_options['pc_type']={pc!r} cannot be applied transposed to pnode's "
+                             "nonsymmetric Jacobian, as the adjoint's solves need: use another pc_type "
+                             "(ilu, jacobi, or lu with options['jacobian']='dense')")
         if pc is None or self.jacobian not in ("blockdiag", "matrix-free") or pc.lower() in _MATRIX_FREE_PCS:
             return
         fix = "'colored' (the stencil's assembled sparse Jacobian)" if grid is not None else \
@@ -296,6 +306,19 @@ def _surely_unused(key):
     return family not in _OTHER
 
 
+def _inexact(key, value):
+    """Why this option makes an implicit solve's adjoint differentiate another thing than the solution, or None."""
+    value = value.lower()
+    if key in ("snes_lag_jacobian", "snes_lag_preconditioner") and value != "1":
+        # PETSc's adjoint then skipped pnode's Jacobian callback: products at the previous stage
+        return "reuses a Jacobian or its factorisation from another point, in the adjoint too (gradients 14% off)"
+    if key in ("snes_convergence_test", "ksp_convergence_test") and value == "skip":
+        return "stops the solves before they converge, the adjoint's too"
+    if key == "snes_type" and value == "ksptransposeonly":
+        return "solves the transposed stage equations"
+    return None
+
+
 def _check_petsc_options(method, items, fixed):
     for key, value in items:
         if key in _RESERVED:
@@ -307,6 +330,15 @@ def _check_petsc_options(method, items, fixed):
                              + ("options['step_size'] fixes them: drop one of the two" if method.embedded else
                                 f"method {method.name!r} has no error estimate: use an adaptive method "
                                 "such as 'dopri5' or 'bosh3'"))
+        why = _inexact(key, value) if method.kind != "explicit" else None
+        if why is not None:
+            raise ValueError(f"petsc_options[{key!r}]={value!r} {why}: the adjoint then "
+                             "differentiates something other than the solution it returns. Drop it "
+                             "(loosen snes_rtol/ksp_rtol instead if you want speed over gradient accuracy)")
+        if key == "snes_type" and value.lower() == "ksponly" and method.kind != "explicit":
+            warnings.warn("petsc_options['snes_type']='ksponly' takes one Newton step per stage: exact when "
+                          "func is linear in y, otherwise the solution is one Newton iterate and pnode's "
+                          "gradient is not its derivative", stacklevel=4)
         if key.startswith("ts_rhs_jacobian_test") and method.kind == "implicit":
             # PETSc dereferences the RHS Jacobian these methods do not have (SEGV).
             raise ValueError(f"petsc_options[{key!r}] tests PETSc's RHS Jacobian, and method {method.name!r} "

@@ -323,9 +323,9 @@ class RHS:
             self.failure = error
         return nan()
 
-    def _nan_output(self, like, *lead):
+    def _nan_output(self, *lead):
         """What a contained failure returns in place of f's output (or of products shaped like it)."""
-        return torch.full((*lead, *self.layout.out_shape), float("nan"), dtype=like.dtype, device=like.device)
+        return torch.full((*lead, *self.layout.out_shape), float("nan"), dtype=self.dtype, device=self.device)
 
     def _call(self, part, s, y):
         # The solver adds the step and phase (RHSError.locate) when the error crosses PETSc.
@@ -333,11 +333,11 @@ class RHS:
             out = self.parts[part](self._time(s), y)
         except Exception as exc:
             return self._failed(RHSError(f"{self._name(part)} raised {type(exc).__name__}: {exc}",
-                                         time=self.user_time(s)), exc, lambda: self._nan_output(y))
+                                         time=self.user_time(s)), exc, self._nan_output)
         if not isinstance(out, torch.Tensor):
             return self._failed(RHSError(f"{self._name(part)} must return a torch.Tensor shaped like y, got "
                                          f"{type(out).__name__}", time=self.user_time(s)), None,
-                                lambda: self._nan_output(y))
+                                self._nan_output)
         expected = self.layout.out_shape
         if out.shape != expected or out.dtype != y.dtype or out.device != y.device:
             like = "must match y in all three" if expected == y.shape else \
@@ -345,7 +345,7 @@ class RHS:
             return self._failed(RHSError(
                 f"{self._name(part)} returned shape {tuple(out.shape)}, dtype {out.dtype}, device {out.device} "
                 f"for y of shape {tuple(y.shape)}, dtype {y.dtype}, device {y.device}; dy/dt {like}",
-                time=self.user_time(s)), None, lambda: self._nan_output(y))
+                time=self.user_time(s)), None, self._nan_output)
         return out
 
     def _derivative_failed(self, part, point, exc, nan):
@@ -503,14 +503,17 @@ class RHS:
         pass per product through a graph built once per point, several times
         cheaper here than forward-mode AD through torch.func.
         """
-        v = self._model_input(v_flat, copy=False)
         try:
             u, g = self._linearisation(part, point, y_flat)
+            # v only now: a float32 model takes both through the one staging buffer, and the
+            # tape's probe of the state in _linearisation overwrote v there (J y, not J v: Newton
+            # stalled or took 120 iterations for 27).
+            v = self._model_input(v_flat, copy=False)
             jv = None
             if g is not None and g.requires_grad:
                 jv = self._differentiate_vjp(g, u, v, batched=False)
         except Exception as exc:
-            return self._derivative_failed(part, point, exc, lambda: self._nan_output(v))
+            return self._derivative_failed(part, point, exc, self._nan_output)
         if jv is None:  # f does not depend on y
             jv = torch.zeros_like(u)
         return -jv if self.sign < 0 else jv
@@ -523,7 +526,7 @@ class RHS:
                 return torch.zeros(len(directions), *u.shape, dtype=u.dtype, device=u.device)
             jv = self._differentiate_vjp(g, u, directions, batched=True)
         except Exception as exc:
-            return self._derivative_failed(part, point, exc, lambda: self._nan_output(directions, len(directions)))
+            return self._derivative_failed(part, point, exc, lambda: self._nan_output(len(directions)))
         return -jv if self.sign < 0 else jv
 
     def _jacobian_row(self, part, point, out, y_in, cotangent):

@@ -200,6 +200,17 @@ BAD_OPTIONS = [
     ("RHS Jacobian test on an implicit method",
      dict(method="cn", petsc_options={"ts_rhs_jacobian_test_mult_transpose": None}), ValueError,
      ["tests PETSc's RHS Jacobian, and method 'cn' has none", "IFunction"]),
+    # PETSc's adjoint skipped pnode's Jacobian callback: products at the previous stage, 7-14% off.
+    ("a lagged Jacobian", dict(method="cn", petsc_options={"snes_lag_jacobian": 2}), ValueError,
+     ["petsc_options['snes_lag_jacobian']='2' reuses a Jacobian", "the adjoint then differentiates"]),
+    ("a lagged preconditioner", dict(method="arkimex", petsc_options={"snes_lag_preconditioner": -1}), ValueError,
+     ["petsc_options['snes_lag_preconditioner']='-1' reuses"]),
+    ("Newton stopped early", dict(method="beuler", petsc_options={"snes_convergence_test": "skip"}), ValueError,
+     ["'snes_convergence_test']='skip' stops the solves before they converge"]),
+    ("Krylov stopped early", dict(method="beuler", petsc_options={"ksp_convergence_test": "skip"}), ValueError,
+     ["'ksp_convergence_test']='skip' stops the solves"]),
+    ("transposed stage equations", dict(method="cn", petsc_options={"snes_type": "ksptransposeonly"}), ValueError,
+     ["'snes_type']='ksptransposeonly' solves the transposed stage equations"]),
     ("rtol a tensor of one value", dict(rtol=torch.tensor([1e-6])), ValueError,
      ["rtol must be a positive finite number (a float or a 0-d tensor)", "tensor([1.0000e-06])"]),
     ("atol a negative 0-d tensor", dict(atol=torch.tensor(-1e-9, dtype=torch.float64)), ValueError,
@@ -802,7 +813,7 @@ def test_default_jacobian(shape, expected):
 
 
 @pytest.mark.parametrize("petsc_options", [{"pc_type": "jacobi"}, {"pc_type": "none"},
-                                           {"ksp_type": "bcgs", "pc_type": "none"}])
+                                           {"ksp_type": "bcgs", "pc_type": "none"}, {"pc_type": "cholesky"}])
 def test_dense_jacobian_with_an_approximate_pc_still_solves_exactly(petsc_options):
     """jacobian='dense' runs preonly + LU: a user's pc_type replaced the LU and each linear
     solve was one preconditioner application (gradients 1e-3 off with jacobi, 1e30 with
@@ -865,3 +876,19 @@ def test_a_nonlinear_solver_other_than_newton_converges_on_its_residual(petsc_op
     torch.testing.assert_close(ys, reference, rtol=1e-10, atol=1e-12)
     for a, b in zip(grads_of(ys, y0, func), grads_of(reference, y0, func)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_lagged_jacobian_is_fine_for_explicit_methods_and_ksponly_warns():
+    NeuralODE(Net(), method="rk4", options={"step_size": 0.25}, petsc_options={"snes_lag_jacobian": 2})(Y0, T)
+    with pytest.warns(UserWarning, match="'ksponly' takes one Newton step per stage: exact when func is linear"):
+        NeuralODE(Net(), method="beuler", options={"step_size": 0.25}, petsc_options={"snes_type": "ksponly"})
+
+
+@pytest.mark.parametrize("pc", ["sor", "eisenstat"])
+def test_preconditioner_without_a_transpose_is_refused_before_the_forward(pc):
+    """PETSc failed in the backward, after the whole forward ('Can only apply transpose of SOR
+    if matrix is symmetric')."""
+    with pytest.raises(ValueError) as info:
+        NeuralODE(Net(), method="beuler", options={"step_size": 0.25, "jacobian": "dense"},
+                  petsc_options={"pc_type": pc})(Y0, T)
+    check(info, f"petsc_options['pc_type']={pc!r} cannot be applied transposed")
