@@ -97,17 +97,27 @@ class Run:
     def _check_same_func(self):
         """Refuse to evaluate func again for the backward if it is made of other tensors now.
 
-        In-place edits of a parameter or a buffer are caught by autograd's version counter
-        (they are saved for backward); a replaced submodule or buffer, or a switched
-        requires_grad, is not, and the re-evaluated f would use the new tensors while
-        the gradient goes to the old ones.
+        In-place edits of a parameter are caught by autograd's version counter (they are
+        saved for backward), those of a buffer by Buffers.changed; a replaced submodule or
+        buffer, or a switched requires_grad, would make the re-evaluated f use the new
+        tensors while the gradient goes to the old ones.
         """
+        changed, read_back = self.buffers.changed(), self.buffers.read_back()
         # A superset is fine (parameters unfrozen since): the backward differentiates its own list.
         if self.current_params is not None and \
                 not {id(p) for p in self.params} <= {id(p) for p in self.current_params()}:
             what, how = "parameters", "a submodule was replaced, or a parameter was frozen"
-        elif self.buffers.changed():
-            what, how = "modules", "a buffer was assigned anew, or a submodule replaced"
+        elif changed:
+            what, how = "modules", changed
+        elif read_back:
+            raise RuntimeError(
+                f"func's forward wrote buffers its output may depend on ({', '.join(read_back)}; "
+                "spectral_norm's power iteration, say), and the backward evaluates func again "
+                f"(memory={self.config.memory!r}, checkpoints={self.config.checkpoints}, or a forward recomputed "
+                "because another call came in between) on their values after the forward, not those each "
+                "evaluation saw: its gradient would not be the forward's. Use memory='graphs' (the default) "
+                "without checkpoints, call backward before calling the module again, or put the module in "
+                "eval mode")
         else:
             return
         raise RuntimeError(
@@ -211,12 +221,11 @@ class PnodeFunction(torch.autograd.Function):
             ys = ys.clone()
         # Saved only for autograd's checks: a second backward without retain_graph gets
         # PyTorch's usual error (saved tensors are freed after the first one), and so does a
-        # backward after a parameter or a buffer of func was edited in place (an optimizer
-        # step between two backwards): a backward that evaluates f again would use the edited
-        # values. Not y0, which the run keeps a copy of (torchdiffeq's adjoint lets an input
+        # backward after a parameter was edited in place (an optimizer step between two
+        # backwards): a backward that evaluates f again would use the edited values. Not y0, which the run keeps a copy of (torchdiffeq's adjoint lets an input
         # buffer be refilled), nor ys: saving it would make an in-place edit of the outputs
         # fail the backward.
-        ctx.save_for_backward(ys.new_empty(0), *params, *run.buffers.saved)
+        ctx.save_for_backward(ys.new_empty(0), *params)
         return ys
 
     @staticmethod

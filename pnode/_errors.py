@@ -6,6 +6,21 @@ says why instead of printing a PETSc error code.
 """
 
 
+import sys
+
+
+def caller_level():
+    """warnings' stacklevel of the first frame outside pnode and torch: the user's call.
+
+    Warnings come from inside PETSc callbacks or several calls deep in argument
+    checks; a fixed level pointed into pnode.
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("pnode", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class PnodeError(RuntimeError):
     """Base class of pnode's runtime errors."""
 

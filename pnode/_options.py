@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from ._errors import caller_level
 from ._methods import Method, get_method
 from ._petsc import DTYPE as PETSC_DTYPE, EPS as PETSC_EPS, PETSc, petsc_message
 
@@ -338,7 +339,7 @@ def _check_petsc_options(method, items, fixed):
         if key == "snes_type" and value.lower() == "ksponly" and method.kind != "explicit":
             warnings.warn("petsc_options['snes_type']='ksponly' takes one Newton step per stage: exact when "
                           "func is linear in y, otherwise the solution is one Newton iterate and pnode's "
-                          "gradient is not its derivative", stacklevel=4)
+                          "gradient is not its derivative", stacklevel=caller_level())
         if key.startswith("ts_rhs_jacobian_test") and method.kind == "implicit":
             # PETSc dereferences the RHS Jacobian these methods do not have (SEGV).
             raise ValueError(f"petsc_options[{key!r}] tests PETSc's RHS Jacobian, and method {method.name!r} "
@@ -355,7 +356,7 @@ def _check_petsc_options(method, items, fixed):
         warnings.warn(f"petsc_options {list(unused)} were not read by PETSc's {method.ts_type!r} TS: "
                       "misspelt, or not an option of this method's solvers? They have no effect "
                       "(PETSc names option keys without the leading '-' here, e.g. 'ts_adapt_type')",
-                      stacklevel=4)
+                      stacklevel=caller_level())
 
 
 def check_time(t, y0):
@@ -425,7 +426,7 @@ def check_y0(y0):
     if torch.finfo(y0.dtype).eps < PETSC_EPS:
         warnings.warn(f"y0 is {y0.dtype} but PETSc is built in single precision: the state is integrated "
                       "in float32, so results and gradients are only float32-accurate; use the default "
-                      "double-precision PETSc for a float64 model", stacklevel=4)
+                      "double-precision PETSc for a float64 model", stacklevel=caller_level())
 
 
 def check_devices(y0, params):

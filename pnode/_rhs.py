@@ -20,13 +20,12 @@ VJP is taken at exactly the state PETSc hands over, so both modes give the same
 gradient.
 """
 
-import sys
 import warnings
 
 import torch
 from torch import nn
 
-from ._errors import RHSError
+from ._errors import RHSError, caller_level
 from ._petsc import EPS as PETSC_EPS
 
 try:
@@ -77,17 +76,6 @@ def autograd_edges(roots, skip=frozenset(), seen=None):
             stack.extend(node.next_functions)
 
 
-def _caller_level():
-    """warnings' stacklevel of the first frame outside pnode and torch: the user's call.
-
-    The warning is raised inside a PETSc callback; a fixed level pointed into pnode.
-    """
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("pnode", "torch"):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def _warn_unlisted_leaves(out, y_in, params, parts):
     """Warn when f's output depends on tensors that need a gradient pnode will not give them.
 
@@ -117,7 +105,7 @@ def _warn_unlisted_leaves(out, y_in, params, parts):
         warnings.warn(f"func's output depends on {len(unlisted)} tensor(s) that require grad but are not "
                       f"parameters of func's modules nor in adjoint_params (shapes {unlisted}): pnode's "
                       "adjoint gives them no gradient. Make them nn.Parameters of func (or of a submodule), "
-                      "or pass adjoint_params=(...) including them", stacklevel=_caller_level())
+                      "or pass adjoint_params=(...) including them", stacklevel=caller_level())
 
 
 def _not_twice_differentiable(detail):

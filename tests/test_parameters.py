@@ -149,6 +149,70 @@ def test_running_statistics_of_a_bound_method_s_module():
         assert all(torch.equal(a, b) for a, b in zip(other, stats[0]))
 
 
+class _Decoded(nn.Module):
+    """func is a method of a model whose decoder, run after the solve, edits its own buffers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(2, 2).double()
+        self.dec = nn.utils.spectral_norm(nn.Linear(2, 1).double())
+
+    def dynamics(self, t, y):
+        return torch.tanh(self.lin(y))
+
+    def forward(self, y0, memory_options):
+        ys = pnode.odeint(self.dynamics, y0, T, **rk4(memory_options), adjoint_params=tuple(self.lin.parameters()))
+        return self.dec(ys[-1])
+
+
+@pytest.mark.parametrize("memory_options", [{}] + RECOMPUTING)
+def test_buffers_func_does_not_touch_may_change_before_the_backward(memory_options):
+    """Saving every buffer of func's modules for autograd's version check made any in-place
+    write to any of them fail the backward, here spectral_norm's in a decoder after the solve,
+    even a backward that does not evaluate func again. One that does cannot tell which of the
+    model's buffers the method reads, and names the one that changed."""
+    model = _Decoded()
+    loss = model(y0_(), memory_options).pow(2).sum()
+    if memory_options:
+        with pytest.raises(RuntimeError, match="buffer 'weight_u' was modified by an inplace operation"):
+            loss.backward()
+        return
+    loss.backward()
+    assert model.lin.weight.grad.abs().sum() > 0
+
+
+class _Lazy(Two):
+    def forward(self, t, y):
+        if not hasattr(self, "scale"):
+            self.register_buffer("scale", torch.full((2,), 0.5, dtype=torch.float64))
+        return self.scale * super().forward(t, y)
+
+
+def test_buffer_registered_by_the_first_call():
+    """The forward's own new buffer is what the backward compares with, not a change since."""
+    grads = []
+    for memory_options in [{}] + RECOMPUTING:
+        func = _Lazy()
+        g = torch.autograd.grad(pnode.odeint(func, y0_(), T, **rk4(memory_options)).pow(2).sum(),
+                                list(func.parameters()))
+        grads.append(g)
+    for other in grads[1:]:
+        for a, b in zip(other, grads[0]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("memory_options", RECOMPUTING)
+def test_buffers_the_forward_writes_and_reads_refuse_a_recomputing_backward(memory_options):
+    """spectral_norm in training updates its u, v on every call and uses them: the backward's
+    evaluations saw them as the forward left them, and the gradient was 1.9% off 'graphs'."""
+    func = Two()
+    func.l2 = nn.utils.spectral_norm(func.l2)
+    ys = pnode.odeint(func, y0_(), T, **rk4(memory_options))
+    with pytest.raises(RuntimeError, match=r"func's forward wrote buffers its output may depend on \(Linear.weight_u"):
+        ys.pow(2).sum().backward()
+
+
 @pytest.mark.parametrize("memory_options", [{}] + RECOMPUTING)
 def test_y0_buffer_refilled_before_the_backward(memory_options):
     """Gradient accumulation over batches copied into one input buffer, as torchdiffeq's
