@@ -112,13 +112,15 @@ class Solver:
         A strong reference kept a run whose outputs were dropped without a backward (a
         validation pass outside no_grad) alive with its tape: 500 MB per call, up to the
         cache size. When the run dies its trajectory goes too, unless a call holds the
-        solver (then the next forward replaces it).
+        solver or the TS spans several ranks (the collector runs on each rank at its own
+        moment, and destroying the trajectory is collective): the next forward replaces it.
         """
         me = weakref.ref(self)
 
         def dropped(ref):
             solver = me()
-            if solver is None or solver._owner is not ref or not solver.lock.acquire(blocking=False):
+            if solver is None or solver._owner is not ref or solver.comm.getSize() > 1 \
+                    or not solver.lock.acquire(blocking=False):
                 return
             try:
                 if not solver.busy:
