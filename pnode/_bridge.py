@@ -13,7 +13,6 @@ from dataclasses import replace
 
 import torch
 
-from ._buffers import Buffers
 from ._checkpoint import Checkpointer
 from ._petsc import DTYPE as PETSC_DTYPE
 from ._rhs import RHS, Tape
@@ -23,14 +22,14 @@ from ._stats import Stats
 class Run:
     """One call of odeint: the problem, its solver, and what backward needs."""
 
-    def __init__(self, cache, solver, parts, params, y0, times, config, stats, layout, grid=None,
-                 current_params=None, buffers=None):
+    def __init__(self, cache, solver, parts, params, y0, times, config, stats, layout, grid, current_params,
+                 buffers):
         self.cache = cache
         self.solver = solver
         self.parts = parts
         self.params = params
         self.current_params = current_params  # func's parameters now, when they came from its modules
-        self.buffers = buffers if buffers is not None else Buffers(())   # of func's modules
+        self.buffers = buffers        # pnode._buffers.Buffers of func's modules
         self.layout = layout
         self.grid = grid              # pnode.Grid of a distributed state, else None
         self.dtype = y0.dtype
@@ -102,30 +101,26 @@ class Run:
         buffer, or a switched requires_grad, would make the re-evaluated f use the new
         tensors while the gradient goes to the old ones.
         """
-        changed, read_back = self.buffers.changed(), self.buffers.read_back()
+        again = (f"the backward evaluates func again (memory={self.config.memory!r}, checkpoints="
+                 f"{self.config.checkpoints}, or a forward recomputed because another call came in between)")
         # A superset is fine (parameters unfrozen since): the backward differentiates its own list.
         if self.current_params is not None and \
                 not {id(p) for p in self.params} <= {id(p) for p in self.current_params()}:
             what, how = "parameters", "a submodule was replaced, or a parameter was frozen"
-        elif changed:
-            what, how = "modules", changed
-        elif read_back:
+        else:
+            what, how = "modules", self.buffers.changed()
+        if how is not None:
+            raise RuntimeError(f"func's {what} changed between this call's forward and its backward ({how}): "
+                               f"{again} and would differentiate another func than the forward's. Call backward "
+                               "before changing func")
+        read_back = self.buffers.read_back()
+        if read_back:
             raise RuntimeError(
                 f"func's forward wrote buffers its output may depend on ({', '.join(read_back)}; "
-                "spectral_norm's power iteration, say), and the backward evaluates func again "
-                f"(memory={self.config.memory!r}, checkpoints={self.config.checkpoints}, or a forward recomputed "
-                "because another call came in between) on their values after the forward, not those each "
-                "evaluation saw: its gradient would not be the forward's. Use memory='graphs' (the default) "
-                "without checkpoints, call backward before calling the module again, or put the module in "
-                "eval mode")
-        else:
-            return
-        raise RuntimeError(
-            f"func's {what} changed between this call's forward and its backward ({how}): the backward "
-            "evaluates func again "
-            f"(memory={self.config.memory!r}, checkpoints={self.config.checkpoints}, or a forward "
-            "recomputed because another call came in between) and would differentiate another func "
-            "than the forward's. Call backward before changing func")
+                f"spectral_norm's power iteration, say), and {again} on their values after the forward, not "
+                "those each evaluation saw: its gradient would not be the forward's. Use memory='graphs' (the "
+                "default) without checkpoints, call backward before calling the module again, or put the "
+                "module in eval mode")
 
     def backward(self, grad_ys):
         g = self.layout.to_flat(grad_ys.detach(), lead=1).to(dtype=PETSC_DTYPE, device="cpu")
@@ -222,9 +217,10 @@ class PnodeFunction(torch.autograd.Function):
         # Saved only for autograd's checks: a second backward without retain_graph gets
         # PyTorch's usual error (saved tensors are freed after the first one), and so does a
         # backward after a parameter was edited in place (an optimizer step between two
-        # backwards): a backward that evaluates f again would use the edited values. Not y0, which the run keeps a copy of (torchdiffeq's adjoint lets an input
-        # buffer be refilled), nor ys: saving it would make an in-place edit of the outputs
-        # fail the backward.
+        # backwards): a backward that evaluates f again would use the edited values. Not y0,
+        # which the run keeps a copy of (torchdiffeq's adjoint lets an input buffer be
+        # refilled), nor ys: saving it would make an in-place edit of the outputs fail the
+        # backward.
         ctx.save_for_backward(ys.new_empty(0), *params)
         return ys
 

@@ -187,33 +187,29 @@ class Grid:
                 raise kind(f"on rank {rank}: {what[1]}")
         return result
 
-    def _check_state(self, y0, times, config, params):
-        """Check this call's arguments, with the same verdict on every rank.
-
-        A rank that raised alone left the others waiting in the solve's first collective
-        call (a hang when the error was caught); and arguments that differ between ranks
-        (method, step size, checkpoints, ...) made the ranks' TS take different steps and
-        hang. One allgather compares them all.
-        """
-        problems = []
+    def _check_block(self, y0):
+        """Raise unless y0 is this rank's block in PETSc's memory (inside _agree: on every rank)."""
         if tuple(y0.shape) != self.owned_shape:
-            problems.append(f"with grid=..., y0 is this rank's block of shape grid.owned_shape = "
-                            f"{self.owned_shape}, got {tuple(y0.shape)}: pass grid.local(field)")
+            raise ValueError(f"with grid=..., y0 is this rank's block of shape grid.owned_shape = "
+                             f"{self.owned_shape}, got {tuple(y0.shape)}: pass grid.local(field)")
         if y0.dtype != PETSC_DTYPE or y0.device.type != "cpu":
-            problems.append(f"with grid=..., y0 must be a {PETSC_DTYPE} CPU tensor (PETSc's own memory), got "
-                            f"{y0.dtype} on {y0.device}; cast inside func if the model differs")
+            raise ValueError(f"with grid=..., y0 must be a {PETSC_DTYPE} CPU tensor (PETSc's own memory), got "
+                             f"{y0.dtype} on {y0.device}; cast inside func if the model differs")
+
+    def _check_state(self, times, config, params):
+        """Refuse arguments that differ between ranks, on every rank.
+
+        Arguments that differ between ranks (method, step size, checkpoints, ...) made the
+        ranks' TS take different steps and hang. One allgather compares them all; what a
+        rank can refuse alone was refused on every rank already (_agree).
+        """
         arguments = {"t": tuple(times), "parameter shapes": [tuple(p.shape) for p in params]}
         arguments.update((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))
         arguments["method"] = config.method.name
-        said = self.comm.tompi4py().allgather((problems, arguments))
-        if problems:
-            raise ValueError(problems[0])
-        for rank, (theirs, _) in enumerate(said):
-            if theirs:
-                raise ValueError(f"on rank {rank}: {theirs[0]}")
-        differ = [name for name in arguments if len({repr(a[name]) for _, a in said}) > 1]
+        said = self.comm.tompi4py().allgather(arguments)
+        differ = [name for name in arguments if len({repr(a[name]) for a in said}) > 1]
         if differ:
-            values = "; ".join(f"{name}: " + ", ".join(f"{a[name]!r} on rank {r}" for r, (_, a) in enumerate(said))
+            values = "; ".join(f"{name}: " + ", ".join(f"{a[name]!r} on rank {r}" for r, a in enumerate(said))
                                for name in differ)
             raise ValueError(f"the arguments differ between ranks ({values}): every rank of a Grid must pass "
                              "the same t, method, rtol, atol, options, petsc_options and parameters")

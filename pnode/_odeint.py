@@ -193,52 +193,50 @@ class _Packed:
         return self.wrap(func)
 
 
-def _check_transforms(func, y0, adjoint_params):
+def _validate(func, y0, t, adjoint_params, grid):
+    """Check a call's arguments: (parameters, times, y0 as one tensor, its _Packed or None)."""
     check_no_transform(y0 if isinstance(y0, tuple) else (y0,),
                        lambda: [p for m in _modules(func) for p in m.parameters()] if adjoint_params is None
                        else adjoint_params)
-
-
-def _validate(func, y0, t, adjoint_params):
-    """Every check of a call's arguments that one rank of a Grid could fail alone."""
-    _check_transforms(func, y0, adjoint_params)
     params = _parameters(func, adjoint_params)
+    packed = None
     if isinstance(y0, tuple):
-        raise TypeError("a tuple y0 cannot be spread over a pnode.Grid; pass the field as one tensor")
+        if grid is not None:
+            raise TypeError("a tuple y0 cannot be spread over a pnode.Grid; pass the field as one tensor")
+        packed = _Packed(y0)
+        y0 = packed.pack(y0)
     check_y0(y0)
     check_devices(y0, params)
-    check_time(t, y0)
+    times = check_time(t, y0)
+    if grid is not None:
+        grid._check_block(y0)
+    return params, times, y0, packed
 
 
 def _integrate(cache, func, y0, t, config, adjoint_params, stats, grid):
-    """odeint and NeuralODE: find the parameters, pack a tuple state, solve."""
+    """odeint and NeuralODE: check the arguments, find the parameters, pack a tuple state, solve."""
     if torch.is_inference_mode_enabled():
         # Tensors made in inference mode cannot be updated outside it: the solver's cached
         # views of its Vecs would fail every later call. Nor can autograd run in it, which
         # Newton's Jacobians need. The outputs are then ordinary tensors.
         with torch.inference_mode(False), torch.no_grad():
             return _integrate(cache, func, y0, t, config, adjoint_params, stats, grid)
-    if grid is not None:
-        # One verdict for all ranks (Grid._check_state then compares what must agree between them).
-        grid._agree(lambda: _validate(func, y0, t, adjoint_params))
-    _check_transforms(func, y0, adjoint_params)
-    params = _parameters(func, adjoint_params)
+    check = lambda: _validate(func, y0, t, adjoint_params, grid)   # noqa: E731
+    # On a Grid one verdict for all ranks: a rank that raised alone left the others to pair
+    # their solve with its next call (Grid._check_state then compares what must agree).
+    params, times, flat, packed = check() if grid is None else grid._agree(check)
     # Parameters taken from func's modules are looked up again by a backward that evaluates func.
     current = (lambda: _parameters(func, None)) if adjoint_params is None else None
     buffers = Buffers(buffer_owners(func))
-    if not isinstance(y0, tuple):
-        return _solve(cache, func, y0, t, config, params, buffers, current, stats, grid)
-    packed = _Packed(y0)
-    return packed.unpack(_solve(cache, packed.wrap_func(func, config.method), packed.pack(y0), t, config, params,
+    if packed is None:
+        return _solve(cache, func, flat, times, config, params, buffers, current, stats, grid)
+    return packed.unpack(_solve(cache, packed.wrap_func(func, config.method), flat, times, config, params,
                                 buffers, current, stats, None))
 
 
-def _solve(cache, func, y0, t, config, params, buffers, current_params, stats, grid):
-    check_y0(y0)
-    check_devices(y0, params)
-    times = check_time(t, y0)
+def _solve(cache, func, y0, times, config, params, buffers, current_params, stats, grid):
     if grid is not None:
-        grid._check_state(y0, times, config, params)
+        grid._check_state(times, config, params)
     config = config.for_state(y0, grid)
     parts = _parts(func, config.method)
     solver = cache.get(config, y0.numel(), sum(p.numel() for p in params), tuple(sorted(parts)),
