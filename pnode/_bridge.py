@@ -19,6 +19,20 @@ from ._rhs import RHS, Tape
 from ._stats import Stats
 
 
+def _autocast_off(device):
+    """Switch off a caller's ``torch.autocast`` for func's evaluations: they run in y's dtype.
+
+    The adjoint differentiates the forward's evaluations, and a backward that evaluates
+    func again runs outside the caller's autocast region: func in bfloat16 in the forward
+    and float32 in the backward is not one function. (func's bfloat16 output also failed
+    the check that dy/dt has y's dtype.)
+    """
+    stack = contextlib.ExitStack()
+    for kind in {device.type, "cpu"}:
+        stack.enter_context(torch.autocast(kind, enabled=False))
+    return stack
+
+
 class Run:
     """One call of odeint: the problem, its solver, and what backward needs."""
 
@@ -64,7 +78,7 @@ class Run:
         self.stats.jacobians = 0
         self.stats.linearisations = 0
         self.stats.reset_backward()
-        with self.solver.held() as solver, self.buffers.forward():
+        with self.solver.held() as solver, self.buffers.forward(), _autocast_off(self.device):
             # Calls that differ only in tolerances share a solver: this call's are set now.
             solver.config = self.config
             # With a checkpoint budget the forward keeps no trajectory, only y0 and the steps.
@@ -124,6 +138,10 @@ class Run:
 
     def backward(self, grad_ys):
         g = self.layout.to_flat(grad_ys.detach(), lead=1).to(dtype=PETSC_DTYPE, device="cpu")
+        with _autocast_off(self.device):
+            return self._backward(g)
+
+    def _backward(self, g):
         if self.config.checkpoints is not None:
             self._check_same_func()
             with self.buffers.aside():

@@ -179,10 +179,21 @@ class _Packed:
             if not isinstance(out, (tuple, list)) or len(out) != len(self.shapes):
                 raise TypeError(f"func must return a tuple of {len(self.shapes)} tensors for a tuple y0, "
                                 f"got {type(out).__name__}")
+            self._check_members(out, y)
             return self.pack(out)
         # where the unlisted-tensor check finds func's own modules (a module, or a bound method's)
         packed.__self__ = getattr(f, "__self__", f)
         return packed
+
+    def _check_members(self, out, y):
+        # Checked one by one: the packed check compares total sizes only, so members returned
+        # in another order or shape integrated another ODE, and a float32 member was cast.
+        for i, (o, shape) in enumerate(zip(out, self.shapes)):
+            if not isinstance(o, torch.Tensor) or o.shape != shape or o.dtype != y.dtype or o.device != y.device:
+                got = f"shape {tuple(o.shape)}, dtype {o.dtype}, device {o.device}" \
+                    if isinstance(o, torch.Tensor) else type(o).__name__
+                raise TypeError(f"func's output [{i}] is {got}; dy/dt of y0[{i}] must have its shape "
+                                f"{tuple(shape)} and the state's dtype {y.dtype} and device {y.device}")
 
     def wrap_func(self, func, method):
         if method.kind == "imex":
@@ -330,6 +341,10 @@ class NeuralODE(nn.Module):
                  petsc_options=None, grid=None, adjoint_params=None):
         super().__init__()
         self.func = func
+        if isinstance(func, (tuple, list)):
+            # nn.Module registers a module, not a tuple of them: an IMEX pair's weights were
+            # missing from parameters(), state_dict(), eval() and .to() of this wrapper.
+            self.pair = nn.ModuleList(_modules(func))
         self.grid = grid
         self.config = _make_config(grid, method, rtol, atol, options, petsc_options)
         self.adjoint_params = None if adjoint_params is None else tuple(adjoint_params)

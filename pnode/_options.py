@@ -173,6 +173,10 @@ def _petsc_options(petsc_options):
     return tuple(sorted(items))
 
 
+# Adaptive methods torchdiffeq has under the same name (it ignores their step_size).
+_TORCHDIFFEQ_ADAPTIVE = ("dopri5", "bosh3")
+
+
 def make_config(method, rtol, atol, options, petsc_options):
     m = get_method("dopri5" if method is None else method)   # None: torchdiffeq's default
     rtol = _positive("rtol", rtol)
@@ -229,6 +233,12 @@ def make_config(method, rtol, atol, options, petsc_options):
         raise ValueError("options['first_step'] starts adaptive steps, but "
                          + ("options['step_size'] fixes them: drop one of the two" if m.embedded else
                             f"method {m.name!r} takes fixed steps: use options['step_size']"))
+    if config.step_size is not None and m.name in _TORCHDIFFEQ_ADAPTIVE:
+        # torchdiffeq ignores step_size for these: code moved from it would get fixed steps
+        # that no rtol/atol controls (dopri5 at rtol 1e-10 with h = 1: 2400% off).
+        warnings.warn(f"options['step_size'] makes {m.name!r} take fixed steps of that size, and rtol/atol "
+                      f"are not used, where torchdiffeq's {m.name} ignores step_size and adapts. For adaptive "
+                      "steps starting there pass options['first_step'] instead", stacklevel=caller_level())
     if config.petsc_options:
         _check_petsc_options(m, config.petsc_options, config.fixed)
     return config

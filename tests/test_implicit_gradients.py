@@ -148,6 +148,37 @@ def test_arkimex_pair_of_callables():
         assert rel_err(a, b) == 0.0
 
 
+def test_module_wrapper_registers_a_pair_of_modules():
+    """NeuralODE((nonstiff, stiff)) kept the tuple as a plain attribute: no parameters for an
+    optimizer, an empty state_dict, and eval()/.to() never reached the two modules."""
+    nonstiff = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)).double()
+    stiff = nn.Linear(3, 3).double()
+    node = pnode.NeuralODE((lambda_module(nonstiff), lambda_module(stiff)), method="arkimex-l2",
+                           options={"step_size": 0.1})
+    assert {id(p) for p in node.parameters()} == {id(p) for m in (nonstiff, stiff) for p in m.parameters()}
+    assert len(node.state_dict()) == 4
+    node.eval()
+    assert not nonstiff.training
+    node.float()
+    assert stiff.weight.dtype == torch.float32
+    y0 = _y0().float()
+    ys = node(y0, T_FIXED.float())
+    ref = pnode.odeint((lambda_module(nonstiff), lambda_module(stiff)), y0, T_FIXED.float(), method="arkimex-l2",
+                       options={"step_size": 0.1})
+    assert torch.equal(ys, ref)
+
+
+class lambda_module(nn.Module):
+    """f(t, y) = net(y)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, t, y):
+        return self.net(y)
+
+
 class Linear(nn.Module):
     def __init__(self, A):
         super().__init__()

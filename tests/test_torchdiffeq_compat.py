@@ -106,6 +106,54 @@ def test_tuple_state_with_a_0d_member_subset_parameters_and_edited_outputs():
     assert torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize("swap", ["order", "dtype"])
+def test_tuple_members_are_checked_one_by_one(swap):
+    """Only the packed size was checked: members returned in the other order (equal total
+    size) integrated another ODE, and a float32 member was cast, with no error."""
+    state = (torch.ones(4, 3, dtype=torch.float64), torch.ones(6, 2, dtype=torch.float64))
+
+    def f(t, y):
+        return (y[1], y[0]) if swap == "order" else (-y[0], -y[1].float())
+    words = "func's output [0] is shape (6, 2)" if swap == "order" else "func's output [1] is shape (6, 2), dtype torch.float32"
+    with pytest.raises(pnode.RHSError, match=re.escape(words)):
+        pnode.odeint(f, state, T, **RK4, adjoint_params=())
+
+
+def test_step_size_with_an_adaptive_method_warns():
+    """torchdiffeq ignores step_size for dopri5; pnode took fixed steps and ignored rtol with
+    no word (h = 1 at rtol 1e-10: 2400% off)."""
+    y0 = torch.ones(2, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="'dopri5' take fixed steps of that size") as record:
+        pnode.odeint(lambda t, y: -y, y0, T, method="dopri5", rtol=1e-10, options={"step_size": 0.5},
+                     adjoint_params=())
+    assert record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pnode.odeint(lambda t, y: -y, y0, T, **RK4, adjoint_params=())
+
+
+@pytest.mark.parametrize("options", [{"memory": "graphs"}, {"memory": "states"}, {"checkpoints": 2}])
+def test_autocast_region_runs_func_in_the_state_dtype(options):
+    """Under torch.autocast func returned bfloat16 and pnode refused it as a dtype mismatch;
+    evaluated in bfloat16 in the forward and float32 in a recomputing backward (outside the
+    region) it would not be one function. Inside the solve autocast is off."""
+    torch.manual_seed(0)
+    func = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
+    y0 = torch.randn(4, 3, requires_grad=True)
+    t = T.float()
+    opts = {"step_size": 0.05, **options}
+    results = []
+    for autocast in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            ys = pnode.odeint(lambda s, y: func(y), y0, t, method="rk4", options=opts,
+                              adjoint_params=list(func.parameters()))
+        assert ys.dtype == torch.float32
+        results.append((ys, torch.autograd.grad(ys.pow(2).sum(), [y0, *func.parameters()])))
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.equal(a, b)
+
+
 def test_method_none_is_dopri5():
     y0 = torch.ones(2, dtype=torch.float64)
     torch.testing.assert_close(pnode.odeint(lambda t, y: -y, y0, T, method=None, adjoint_params=()),
