@@ -34,14 +34,6 @@ def sweeps(l, s):
     return r
 
 
-def optimal_cost(l, s):
-    """T(l, s): step executions to reverse l steps holding at most s states (s >= 1)."""
-    if s == 1:
-        return l * (l + 1) // 2
-    r = sweeps(l, s)
-    return (r + 1) * l - comb(s + r, s + 1)
-
-
 def split(l, s):
     """Steps to advance before storing the next checkpoint, for l >= 2 steps and s >= 2 states.
 

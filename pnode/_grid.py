@@ -18,6 +18,7 @@ communication, and one allreduce after the backward sums them.
 """
 
 import dataclasses
+import numbers
 
 import numpy as np
 import torch
@@ -30,6 +31,11 @@ from ._solver import Solver
 _BOUNDARIES = {"periodic": PETSc.DMDA.BoundaryType.PERIODIC,
                "ghosted": PETSc.DMDA.BoundaryType.GHOSTED}
 _STENCILS = {"box": PETSc.DMDA.StencilType.BOX, "star": PETSc.DMDA.StencilType.STAR}
+
+
+def _is_count(value, minimum):
+    # numpy's integers too; 4.5 was truncated to 4 by int()
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
 
 
 class Grid:
@@ -51,11 +57,13 @@ class Grid:
     """
 
     def __init__(self, shape, dof=1, stencil_width=1, boundary="periodic", stencil="box", comm=None):
-        shape = tuple(int(n) for n in ((shape,) if isinstance(shape, int) else shape))
-        if not 1 <= len(shape) <= 3 or min(shape) < 1:
-            raise ValueError(f"Grid shape must hold 1 to 3 positive sizes, got {shape}")
-        if int(dof) < 1 or int(stencil_width) < 0:
-            raise ValueError(f"Grid needs dof >= 1 and stencil_width >= 0, got {dof} and {stencil_width}")
+        sizes = (shape,) if isinstance(shape, numbers.Integral) else tuple(shape)
+        if not 1 <= len(sizes) <= 3 or not all(_is_count(n, 1) for n in sizes):
+            raise ValueError(f"Grid shape must hold 1 to 3 positive integer sizes, got {shape!r}")
+        shape = tuple(int(n) for n in sizes)
+        if not _is_count(dof, 1) or not _is_count(stencil_width, 0):
+            raise ValueError(f"Grid needs an integer dof >= 1 and an integer stencil_width >= 0, got "
+                             f"{dof!r} and {stencil_width!r}")
         boundaries = (boundary,) * len(shape) if isinstance(boundary, str) else tuple(boundary)
         if len(boundaries) != len(shape) or any(b not in _BOUNDARIES for b in boundaries):
             raise ValueError(f"Grid boundary must be one of {tuple(_BOUNDARIES)} or one per dimension, "
@@ -65,7 +73,11 @@ class Grid:
         if comm is None:
             comm = PETSc.COMM_WORLD
         elif not isinstance(comm, PETSc.Comm):  # an mpi4py communicator
-            comm = PETSc.Comm(comm)
+            try:
+                comm = PETSc.Comm(comm)
+            except Exception as exc:
+                raise TypeError(f"Grid comm must be a PETSc or mpi4py communicator, got {type(comm).__name__}") \
+                    from exc
         self.shape = shape
         self.dof = int(dof)
         self.stencil_width = int(stencil_width)

@@ -2,7 +2,6 @@
 
 import weakref
 from collections import OrderedDict
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -42,7 +41,18 @@ def _modules(func):
     return [func] if isinstance(func, nn.Module) else []
 
 
+def _listed(adjoint_params):
+    """adjoint_params as a tuple; a bare tensor is refused, not iterated into its rows."""
+    if isinstance(adjoint_params, torch.Tensor):
+        # Its rows are views, none of them the tensor func uses: it got zeros, and a warning
+        # that it was not listed.
+        raise TypeError(f"adjoint_params must be a sequence of tensors, got one tensor of shape "
+                        f"{tuple(adjoint_params.shape)}: pass (w,) for a single tensor w")
+    return None if adjoint_params is None else tuple(adjoint_params)
+
+
 def _parameters(func, adjoint_params):
+    adjoint_params = _listed(adjoint_params)
     if adjoint_params is None:
         modules = _modules(func)
         if not modules:
@@ -196,12 +206,13 @@ class _Packed:
                                 f"{tuple(shape)} and the state's dtype {y.dtype} and device {y.device}")
 
     def wrap_func(self, func, method):
-        if method.kind == "imex":
-            if isinstance(func, (tuple, list)):
-                return tuple(self.wrap(f) for f in func)
-            if callable(getattr(func, "nonstiff", None)) and callable(getattr(func, "stiff", None)):
-                return SimpleNamespace(nonstiff=self.wrap(func.nonstiff), stiff=self.wrap(func.stiff))
-        return self.wrap(func)
+        # The split as _parts reads it, so a pair given to a method without one is refused
+        # here as it is for a tensor y0 (it failed at the first call, as "'tuple' object is not
+        # callable").
+        parts = _parts(func, method)
+        if len(parts) == 2:
+            return self.wrap(parts["explicit"]), self.wrap(parts["implicit"])
+        return self.wrap(next(iter(parts.values())))
 
 
 def _validate(func, y0, t, adjoint_params, grid):
@@ -310,7 +321,8 @@ def odeint(func, y0, t, *, method="dopri5", rtol=1e-7, atol=1e-9, options=None,
         options: ``step_size``, ``first_step``, ``max_num_steps``, ``max_rejections``,
             ``memory`` (``"graphs"``: keep each stage's autograd graph, fastest;
             ``"states"``: keep states only and recompute f in the backward), ``theta``,
-            ``jacobian`` (implicit methods: ``"blockdiag"``, ``"dense"``, ``"matrix-free"``),
+            ``jacobian`` (implicit methods: ``"blockdiag"``, ``"dense"``, ``"matrix-free"``, and
+            ``"colored"`` on a Grid),
             ``checkpoints`` (keep at most k states and recompute by the binomial schedule).
         adjoint_params: tensors to differentiate when ``func`` is not an ``nn.Module``.
         petsc_options: expert PETSc options for this solve, e.g. ``{"ts_adapt_type": "dsp"}``.
@@ -347,7 +359,7 @@ class NeuralODE(nn.Module):
             self.pair = nn.ModuleList(_modules(func))
         self.grid = grid
         self.config = _make_config(grid, method, rtol, atol, options, petsc_options)
-        self.adjoint_params = None if adjoint_params is None else tuple(adjoint_params)
+        self.adjoint_params = _listed(adjoint_params)
         _parameters(func, self.adjoint_params)   # a plain callable without adjoint_params fails here, not later
         self.stats = Stats()
         self._cache = _SolverCache()

@@ -8,6 +8,7 @@ import functools
 import math
 import numbers
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
 
@@ -151,8 +152,7 @@ def _as_number(value):
 
 
 def _positive(name, value):
-    if isinstance(value, torch.Tensor) and value.dim() == 0:
-        value = value.item()   # a bool or complex tensor stays one, and is refused below
+    value = _as_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number (a float or a 0-d tensor), got {value!r}")
     return float(value)
@@ -161,7 +161,7 @@ def _positive(name, value):
 def _petsc_options(petsc_options):
     if petsc_options is None:
         return ()
-    if not isinstance(petsc_options, dict):
+    if not isinstance(petsc_options, Mapping):
         raise TypeError("petsc_options must be a dict such as {'ts_rk_type': '5bs'}, "
                         f"got {type(petsc_options).__name__}")
     items = []
@@ -181,6 +181,8 @@ def make_config(method, rtol, atol, options, petsc_options):
     m = get_method("dopri5" if method is None else method)   # None: torchdiffeq's default
     rtol = _positive("rtol", rtol)
     atol = _positive("atol", atol)
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"options must be a dict such as {{'step_size': 0.1}}, got {type(options).__name__}")
     options = dict(options or {})
     unknown = sorted(set(options) - set(_OPTION_DOCS))
     if unknown:

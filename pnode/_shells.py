@@ -123,8 +123,8 @@ class BlockDiagonalPC:
     """PCShell applying (shift * I - blockdiag(df_b/dy_b))^{-1} by batched LU in torch.
 
     When f acts sample by sample on a batch, the Jacobian of the implicit
-    stage equation is block diagonal; its per-sample blocks come from one
-    vmap(jacrev) call and their LU factors make this preconditioner exact, so
+    stage equation is block diagonal; its per-sample blocks come from d VJPs
+    (:meth:`pnode._rhs.RHS.jacobian_blocks`) and their LU factors make this preconditioner exact, so
     GMRES converges in one or two iterations and the cost is linear in the
     batch size. For a right-hand side that couples samples it is still a sound
     (approximate) preconditioner: the Krylov operator stays exact.

@@ -478,11 +478,7 @@ class Solver:
     def adjoint_steps(self, rhs, lam, nsteps):
         """Run TSAdjoint back over the last ``nsteps`` steps of the stored trajectory."""
         self._serve(rhs)
-        self.lam_view.copy_(lam)
-        self.lam.stateIncrease()
-        if self.n_params:
-            self.mu_view.zero_()
-            self.mu.stateIncrease()
+        self._seed_adjoint(lam)
         self._adjoint_segment(nsteps)
         self._pcache = None
         rhs.release_graph()
@@ -519,11 +515,7 @@ class Solver:
         """Given dL/dy(t_i) as a (len(times), n) tensor, return (dL/dy0, dL/dp)."""
         self._serve(rhs)
         start = _time.perf_counter()
-        self.lam_view.copy_(grad_ys[-1])
-        self.lam.stateIncrease()
-        if self.n_params:
-            self.mu_view.zero_()
-            self.mu.stateIncrease()
+        self._seed_adjoint(grad_ys[-1])
         steps = self.output_steps
         for i in range(len(steps) - 1, 0, -1):
             self._adjoint_segment(steps[i] - steps[i - 1])
@@ -535,6 +527,14 @@ class Solver:
         rhs.stats.backward_seconds = _time.perf_counter() - start
         grad_p = self.mu_view.clone() if self.n_params else None
         return self.lam_view.clone(), grad_p
+
+    def _seed_adjoint(self, lam):
+        """lambda = dL/dy at the end of the span, mu = 0."""
+        self.lam_view.copy_(lam)
+        self.lam.stateIncrease()
+        if self.n_params:
+            self.mu_view.zero_()
+            self.mu.stateIncrease()
 
     def _adjoint_segment(self, nsteps):
         ts = self.ts

@@ -169,6 +169,13 @@ def test_bad_input():
         pnode.Grid((4, 5), boundary="reflect")
     with pytest.raises(ValueError, match="cannot lay out .* smaller than stencil width"):
         pnode.Grid((1,), stencil_width=2)
+    # int() truncated 4.5 to 4, and a bad comm gave petsc4py's own error
+    with pytest.raises(ValueError, match=r"positive integer sizes, got \(4.5, 5\)"):
+        pnode.Grid((4.5, 5))
+    with pytest.raises(ValueError, match="integer dof >= 1 .* got 1.5 and 1"):
+        pnode.Grid((4, 5), dof=1.5)
+    with pytest.raises(TypeError, match="Grid comm must be a PETSc or mpi4py communicator, got int"):
+        pnode.Grid((4, 5), comm=3)
 
 
 @pytest.mark.parametrize("method", ["rk4", "beuler"])

@@ -35,9 +35,12 @@ def _compare(func, method, options, t, reference, rtol=1e-4, tol=1e-7):
     for name, a, b in zip(names, g, g_ref):
         assert rel_err(a, b) <= tol, f"{method} {options}: d/d{name} off by {rel_err(a, b):.2e}"
     assert stats.newton_iterations > 0
-    # memory="graphs": Newton's Jacobians (forward) and the adjoint's products and
-    # preconditioners (backward) all use graphs the forward's residual evaluations kept
-    assert stats.linearisations == 0 and stats.recomputed_rhs == 0
+    if options.get("memory", "graphs") == "graphs":
+        # Newton's Jacobians (forward) and the adjoint's products and preconditioners
+        # (backward) all use graphs the forward's residual evaluations kept
+        assert stats.linearisations == 0 and stats.recomputed_rhs == 0
+    else:
+        assert stats.recomputed_rhs > 0
     return stats
 
 
@@ -63,8 +66,10 @@ def test_theta_methods(method, theta, jacobian, adaptive):
 
 
 IMEX_CASES = [("arkimex-l2", True), ("arkimex-ars122", False), ("arkimex-2c", False),
+              ("arkimex-a2", False), ("arkimex-2d", False), ("arkimex-2e", False),
               ("arkimex-3", False), ("arkimex-4", False), ("arkimex-5", False),
-              ("arkimex-prssp2", True), ("arkimex-ars443", True), ("arkimex-1bee", True)]
+              ("arkimex-prssp2", True), ("arkimex-bpr3", True), ("arkimex-ars443", True),
+              ("arkimex-1bee", True)]
 
 
 @pytest.mark.parametrize("method, fixed", IMEX_CASES, ids=[c[0] for c in IMEX_CASES])
@@ -79,6 +84,23 @@ def test_arkimex_split(method, fixed, jacobian):
     def reference(y0, steps):
         return arkimex(func.nonstiff, func.stiff, y0, tab, steps, params=list(func.parameters()))
     _compare(func, method, options, T_FIXED if fixed else T_ADAPT, reference)
+
+
+@pytest.mark.parametrize("jacobian", JACOBIANS)
+@pytest.mark.parametrize("method", ["beuler", "cn", "arkimex-3"])
+def test_states_memory(method, jacobian):
+    """memory="states" evaluates func again at the stored stages for every product: checked
+    against the reference too, not only against itself under checkpoints."""
+    func = Stiff()
+    m = pnode.METHODS[method]
+    if m.kind == "imex":
+        def reference(y0, steps):
+            return arkimex(func.nonstiff, func.stiff, y0, IMEX_TABLEAUS[m.subtype], steps, params=list(func.parameters()))
+    else:
+        def reference(y0, steps):
+            return theta_method(func, y0, m.theta, steps, endpoint=m.endpoint)
+    _compare(func, method, {"jacobian": jacobian, "memory": "states"}, T_ADAPT, reference,
+             rtol=1e-2 if method == "beuler" else 1e-3)
 
 
 class Whole(nn.Module):
@@ -273,20 +295,34 @@ def test_blockdiag_with_singular_blocks_matches_dense(method):
                          ids=["beuler", "cn", "arkimex", "cn-adaptive"])
 def test_float32_model(method, options, jacobian):
     """Newton cannot reach 1e-12 on a float32 residual (rounding noise ~1e-7 |f|): the
-    tolerances follow the model's precision, and the gradients match the float64 model's."""
+    tolerances follow the model's precision. The gradients match float64 backprop through
+    the reference scheme on pnode's float32 steps to 5e-6 (observed <= 1.5e-6; a Krylov
+    product taken at J y instead of J v was 5.7e-5 off), in about as many Newton iterations
+    as the float64 model takes (that bug took 5x as many)."""
     func = Stiff()
     func32 = Stiff().float()
     func32.load_state_dict({k: v.float() for k, v in func.state_dict().items()})
     y0 = _y0()
     y32 = y0.detach().float().requires_grad_()
     options = {**options, "jacobian": jacobian}
-    ys32 = pnode.odeint(func32, y32, T_FIXED.float(), method=method, rtol=1e-4, atol=1e-6, options=options)
+    ys32, stats32 = pnode.odeint(func32, y32, T_FIXED.float(), method=method, rtol=1e-4, atol=1e-6,
+                                 options=options, return_stats=True)
     g32 = torch.autograd.grad(loss_fn(ys32), [y32] + list(func32.parameters()))
-    ys = pnode.odeint(func, y0, T_FIXED, method=method, rtol=1e-4, atol=1e-6, options=options)
-    g = torch.autograd.grad(loss_fn(ys), [y0] + list(func.parameters()))
-    assert ys32.dtype == torch.float32 and rel_err(ys32, ys) <= 1e-5
-    for a, b in zip(g32, g):
-        assert a.dtype == torch.float32 and rel_err(a, b) <= 1e-4
+    steps = stats32.step_times
+    m = pnode.METHODS[method]
+    if m.kind == "imex":
+        ref = arkimex(func.nonstiff, func.stiff, y0, IMEX_TABLEAUS[m.subtype], steps, params=list(func.parameters()))
+    else:
+        ref = theta_method(func, y0, m.theta, steps, endpoint=m.endpoint)
+    ref = ref[output_rows(steps, T_FIXED)]
+    g_ref = torch.autograd.grad(loss_fn(ref), [y0] + list(func.parameters()))
+    assert ys32.dtype == torch.float32 and rel_err(ys32, ref) <= 1e-5
+    names = ["y0"] + [n for n, _ in func.named_parameters()]
+    for name, a, b in zip(names, g32, g_ref):
+        assert a.dtype == torch.float32 and rel_err(a, b) <= 5e-6, f"d/d{name} off by {rel_err(a, b):.1e}"
+    _, stats64 = pnode.odeint(func, y0, T_FIXED, method=method, rtol=1e-4, atol=1e-6, options=options,
+                              return_stats=True)
+    assert stats32.newton_iterations <= 2 * stats64.newton_iterations
 
 
 @pytest.mark.parametrize("method", ["beuler", "cn"])

@@ -187,6 +187,25 @@ def test_module_wrapper_takes_a_callable_with_adjoint_params():
     torch.testing.assert_close(w.grad, -4 * torch.exp(-w.detach()), rtol=1e-6, atol=0)
 
 
+def test_adjoint_params_must_be_a_sequence_not_a_tensor():
+    """A bare tensor was iterated into its rows: w got a zero gradient and a warning that it was
+    not in adjoint_params."""
+    w = torch.tensor([0.5, 0.25], dtype=torch.float64, requires_grad=True)
+    y0 = torch.ones(2, dtype=torch.float64)
+    for call in (lambda: pnode.odeint(lambda t, y: -w * y, y0, T, **RK4, adjoint_params=w),
+                 lambda: pnode.NeuralODE(lambda t, y: -w * y, **RK4, adjoint_params=w)):
+        with pytest.raises(TypeError, match=re.escape("got one tensor of shape (2,): pass (w,)")):
+            call()
+
+
+def test_tuple_state_with_a_pair_for_a_method_without_a_split():
+    """With a tuple y0 the pair reached the solver and failed at the first step as "'tuple'
+    object is not callable"; a tensor y0 was refused up front."""
+    func = Coupled()
+    with pytest.raises(TypeError, match=re.escape("func (explicit part) must be callable as f(t, y), got tuple")):
+        pnode.odeint((func, func), _state(), T, **RK4, adjoint_params=list(func.parameters()))
+
+
 @pytest.mark.parametrize("method, options, words", [
     ("rk4", {"first_step": 0.01}, "method 'rk4' takes fixed steps: use options['step_size']"),
     ("dopri5", {"first_step": 0.01, "step_size": 0.1}, "options['step_size'] fixes them: drop one")])
