@@ -363,6 +363,12 @@ def _check_petsc_options(method, items, fixed):
         named = ", ".join(f"{k!r}: {v!r}" for k, v in bad)
         reason = complaint if bad == items else _petsc_verdict(method.ts_type, bad)[0]
         raise ValueError(f"PETSc rejected petsc_options {{{named}}}: {reason}")
+    if method.kind == "explicit":
+        # The dry run's TS reads them even for a Runge-Kutta type, which never solves anything.
+        solvers = [key for key, _ in items if key.split("_", 1)[0] in ("snes", "ksp", "pc")]
+        if solvers:
+            warnings.warn(f"petsc_options {solvers} configure Newton and Krylov solves, which the explicit "
+                          f"method {method.name!r} does not run: they have no effect", stacklevel=caller_level())
     unused = [key for key in unused if _surely_unused(key)]
     if unused:
         warnings.warn(f"petsc_options {list(unused)} were not read by PETSc's {method.ts_type!r} TS: "

@@ -54,9 +54,12 @@ class Solver:
         self.comm = comm if comm is not None else PETSc.COMM_SELF
         self.rhs = None
         # One call at a time (Solver.held): threads wait; a call nested in func's evaluation,
-        # which finds it busy, gets a solver of its own (_SolverCache.get).
-        self.lock = threading.RLock()
-        self.busy = 0
+        # which finds it busy, gets a solver of its own (_SolverCache.get). A rebuild after a
+        # failure (_recover) keeps both, still held by the failing call: a fresh lock and a
+        # zero count had let another thread's call run on the half-built TS (SEGV).
+        if not hasattr(self, "lock"):
+            self.lock = threading.RLock()
+            self.busy = 0
         self._views = {}
         self._param_views_of = {}   # Vec id -> per-parameter views, cut for _param_shapes
         self._param_shapes = None
@@ -77,6 +80,8 @@ class Solver:
         self._h = None
         self._replay = None            # (first step, step sizes) while replaying
         self._fixed_h = None           # the fixed step size of the running forward
+        self._watch = None             # adaptive forwards: what a NaN from func does (_watch_output)
+        self._nonfinite_time = None    # when func last returned NaN/Inf in this step's attempts
         self._outputs = ()
         self._next_output = 0
         self.step_bytes = config.method.stages * n * self.u_view.element_size()
@@ -184,15 +189,36 @@ class Solver:
     # -- TS callbacks -------------------------------------------------------------------
     def rhs_function(self, ts, s, u, F):
         self._h = ts.getTimeStep()  # the step size of the attempt being evaluated
-        self.rhs.evaluate("explicit", s, self.state_input(u), self.view(F), ts, u, self._h)
+        out = self.view(F)
+        self.rhs.evaluate("explicit", s, self.state_input(u), out, ts, u, self._h)
         F.stateIncrease()
+        if self._watch is not None:
+            self._watch_output(ts, s, out, F)
 
     def ifunction(self, ts, s, u, udot, F):
         self._h = ts.getTimeStep()
         out = self.view(F)
         self.rhs.evaluate("implicit", s, self.state_input(u), out, ts, u, self._h)
+        if self._watch is not None:
+            self._watch_output(ts, s, out, F)
         out.neg_().add_(self.view(udot))   # F = ydot - f
         F.stateIncrease()
+
+    def _watch_output(self, ts, s, out, vec):
+        """Adaptive steps: note (implicit) or raise on (explicit) a NaN or Inf from func.
+
+        An explicit tableau's NaN reached PETSc's error norm, which raised without returning
+        the work vector it had borrowed: a DM and two state-sized Vecs leaked per failure. An
+        implicit method retries a failed Newton solve with shorter steps, and a func that stays
+        NaN ended as "step size underflow", the NaN unmentioned.
+        """
+        if self._finite(out, vec):
+            return
+        if self._nonfinite_time is None:
+            self._nonfinite_time = s
+        if self._watch == "raise" and not self.rhs.contain:   # contained: the step fails on every rank
+            raise NonFiniteError("func returned NaN or Inf", phase="forward", time=self.rhs.user_time(s),
+                                 step=ts.getStepNumber(), step_size=self._h, hint=self._NONFINITE_HINT)
 
     def rhs_jacobian(self, ts, s, u, J, P):
         self.jac["explicit"].point.set(s, u, ts.getStepNumber())
@@ -237,24 +263,31 @@ class Solver:
             left = self._outputs[self._next_output] - s
             ts.setTimeStep(left if 1.01 * self._fixed_h >= left else self._fixed_h)
 
+    _NONFINITE_HINT = "reduce the step size or rtol/atol, or check func for overflow"
+
     def post_step(self, ts):
         s = ts.getTime()
         if not s > self._step_times[-1]:
             # t + dt == t: the step is below the resolution of the time variable, and
             # PETSc would spin to max_num_steps and return a state short of the end time.
+            if self._nonfinite_time is not None:
+                raise NonFiniteError("func returned NaN or Inf, and the shorter steps PETSc retried with "
+                                     "shrank to nothing", phase="forward",
+                                     time=self.rhs.user_time(self._nonfinite_time), step=ts.getStepNumber(),
+                                     step_size=self._h, hint="check func for overflow near that time")
             raise SolverError("step size underflow: the time no longer advances", phase="forward",
                               time=self.rhs.user_time(s), step=ts.getStepNumber(), step_size=self._h,
                               reason="STEP_SIZE_UNDERFLOW",
                               hint="loosen rtol/atol if the steps collapsed, or split a very long span of t "
                                    "into shorter solves")
         self._step_times.append(s)
+        self._nonfinite_time = None   # what a rejected attempt met is behind
         # ts.getTimeStep() is already the next step's size here; the accepted one was
         # seen by the right-hand side, and checkpointing replays it bit for bit.
         self.step_sizes.append(self._h)
         if not self._finite(self.u_view, self.u):
             raise NonFiniteError("NaN or Inf in the state", phase="forward", time=self.rhs.user_time(s),
-                                 step=ts.getStepNumber(), step_size=ts.getTimeStep(),
-                                 hint="reduce the step size or rtol/atol, or check func for overflow")
+                                 step=ts.getStepNumber(), step_size=ts.getTimeStep(), hint=self._NONFINITE_HINT)
 
     @staticmethod
     def _finite(view, vec):
@@ -379,6 +412,8 @@ class Solver:
         ts.setTimeStep(h)
         ts.setEvaluationTimes(times)
         self._fixed_h = h if self.config.fixed else None
+        self._watch = None if self.config.fixed else "raise" if "implicit" not in self.parts else "note"
+        self._nonfinite_time = None
         self._outputs, self._next_output = times, 0
         self._prepare_trajectory(owner is not None)
         self._own(owner)
@@ -587,10 +622,8 @@ class Solver:
         return self.config, self.n, self.n_params, self.parts, self.comm
 
     def _recover(self):
-        held = self.lock, self.busy   # the call that failed still holds the solver
         self.ts.destroy()
         type(self).__init__(self, *self._init_args())
-        self.lock, self.busy = held
 
     def _failure(self, message, phase, reason, error=None):
         """A SolverError (NonFiniteError for NaN/Inf) saying where PETSc stopped and why."""
@@ -614,6 +647,10 @@ class Solver:
             details.append(f"PETSc error {error.ierr}" + (f": {said}" if said else ""))
         residual = None
         nonfinite = error is not None and error.ierr == 72  # PETSC_ERR_FP
+        where = "the state" if phase == "forward" else "the adjoint"
+        if phase == "forward" and self._nonfinite_time is not None:
+            # the attempts PETSc rejected met a NaN from func (see _watch_output)
+            nonfinite, where = True, f"func's output (at t={self.rhs.user_time(self._nonfinite_time):.6g})"
         if "implicit" in self.parts:
             snes = ts.getSNES()
             try:  # the adjoint runs transposed Krylov solves, no Newton: SNES is the forward's
@@ -628,10 +665,14 @@ class Solver:
                 if "NAN" in snes_name:
                     # PETSc keeps the last finite norm (0 before the first): not the residual that failed
                     nonfinite, residual = True, math.nan
+                    where = "Newton's residual (func's output)" if where == "the state" else where
             if ksp_reason < 0:
                 ksp_name = _enum_name(PETSc.KSP.ConvergedReason, ksp_reason)
                 details.append(f"Krylov (KSP) {ksp_name} after {snes.getKSP().getIterationNumber()} iterations")
-                nonfinite = nonfinite or "NAN" in ksp_name
+                if "NAN" in ksp_name and not nonfinite:
+                    nonfinite = True
+                    if phase == "forward":   # the state and func's output were finite
+                        where = "Newton's linear solves (func's Jacobian, from its backward)"
                 hints["DIVERGED_NONLINEAR_SOLVE"] = (
                     "the linear solves inside Newton failed: try options['jacobian']='dense' (small "
                     "states), or petsc_options={'ksp_max_it': 2000} / another 'pc_type'")
@@ -643,7 +684,7 @@ class Solver:
             cls = NonFiniteError
             hint = ("reduce the step size or rtol/atol, or check func for overflow" if phase == "forward"
                     else "the loss gradient or the Jacobian of func overflows")
-            details.insert(0, f"NaN or Inf in the {'state' if phase == 'forward' else 'adjoint'}")
+            details.insert(0, f"NaN or Inf in {where}")
         if message:
             details.insert(0, message)
         return cls("; ".join(details) or "the solver stopped", phase=phase, time=self.rhs.user_time(ts.getTime()),

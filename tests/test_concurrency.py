@@ -85,3 +85,55 @@ def test_func_calls_its_own_module(mode):
     y0 = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     for got, want in zip(_gradients(node, func, y0), _gradients(outer, reference, y0)):
         assert torch.equal(got, want)
+
+
+def test_a_thread_whose_call_fails_keeps_the_solver_while_it_is_rebuilt(monkeypatch):
+    """A failed call rebuilds its solver (a fresh TS): the rebuild gave the solver a new,
+    unheld lock and a zero busy count, so another thread's call took it half-built and ran
+    on a destroyed TS (SEGV, 3 of 11 runs without the delay added here)."""
+    import pnode._solver as solver_module
+    build, rebuilding = solver_module.build_ts, threading.Event()
+
+    def slow_rebuild(solver, *args, **kwargs):
+        if threading.current_thread().name == "failing" and solver.ts is not None:
+            rebuilding.set()
+            threading.Event().wait(0.5)   # the window the other thread's call fell into
+        return build(solver, *args, **kwargs)
+    monkeypatch.setattr(solver_module, "build_ts", slow_rebuild)
+
+    class Fails(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = MLP(seed=2)
+
+        def forward(self, t, y):
+            if threading.current_thread().name == "failing" and float(t) > 0.5:
+                raise ValueError("this thread's batch is bad")
+            return self.inner(t, y)
+    func = Fails()
+    node = pnode.NeuralODE(func, method="rk4", options={"step_size": 0.05})
+    y0 = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = _gradients(node, func, y0)
+    outcome = {}
+
+    def failing():
+        try:
+            node(y0, T)
+        except pnode.RHSError as exc:
+            outcome["failing"] = exc
+
+    def other():
+        rebuilding.wait(10)
+        try:
+            outcome["other"] = _gradients(node, func, y0)
+        except Exception as exc:
+            outcome["other"] = exc
+    threads = [threading.Thread(target=failing, name="failing"), threading.Thread(target=other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert "this thread's batch is bad" in str(outcome["failing"])
+    assert isinstance(outcome["other"], list), outcome["other"]
+    for a, b in zip(outcome["other"], expected):
+        assert torch.equal(a, b)
