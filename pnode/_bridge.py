@@ -8,12 +8,15 @@ parameter.
 """
 
 import contextlib
+import math
 import time as _time
+import warnings
 from dataclasses import replace
 
 import torch
 
 from ._checkpoint import Checkpointer
+from ._errors import caller_level
 from ._petsc import DTYPE as PETSC_DTYPE
 from ._rhs import RHS, Tape
 from ._stats import Stats
@@ -48,20 +51,29 @@ class Run:
         self.grid = grid              # pnode.Grid of a distributed state, else None
         self.dtype = y0.dtype
         self.device = y0.device
-        self.sign = 1.0 if times[-1] > times[0] else -1.0
-        # PETSc's time is s = sign * (t - t_0): increasing, and from 0, because PETSc decides
-        # that a step reached an output time to within 1e-6 h *relative to |s|*: around
-        # t = 1e6 that was a whole step, and outputs were taken one step early.
+        # PETSc's time is s = (t - t_0) / scale: increasing, from 0 and at most 1, because PETSc
+        # decides that a step reached an output time to within 1e-6 h *relative to |s|*: around
+        # t = 1e6 that was a whole step (outputs taken a step early, or a solve refused). scale
+        # is the span rounded up to a power of two, with the sign of the direction, so that
+        # f * scale, h / scale and t_0 + scale * s are exact: the steps are the same numbers.
+        span = abs(times[-1] - times[0])
+        self.scale = (1.0 if span <= 1 else 2.0 ** math.ceil(math.log2(span))) * (
+            1.0 if times[-1] > times[0] else -1.0)
+        timed = [k for k, _ in config.petsc_options if k in ("ts_adapt_dt_min", "ts_adapt_dt_max")]
+        if timed and abs(self.scale) != 1.0:
+            warnings.warn(f"petsc_options {timed} are step sizes in PETSc's time s = (t - t[0]) / {abs(self.scale):g} "
+                          "for this t: divide them by that, or set options['first_step']/['step_size'], which "
+                          "are in t's units", stacklevel=caller_level())
         self.origin = times[0]
         # In PETSc's precision: a single-precision PETSc lands on f32(s_i), and a float64
         # s_i just past it would ask for a last step below float32's resolution.
-        self.times = torch.tensor([self.sign * (s - self.origin) for s in times], dtype=PETSC_DTYPE).tolist()
+        self.times = torch.tensor([(s - self.origin) / self.scale for s in times], dtype=PETSC_DTYPE).tolist()
         self.config = config
         self.stats = stats
         self.y0 = None
 
     def _rhs(self, tape, in_backward, stats=None):
-        return RHS(self.parts, self.params, self.layout, self.dtype, self.device, self.sign, self.origin,
+        return RHS(self.parts, self.params, self.layout, self.dtype, self.device, self.scale, self.origin,
                    self.stats if stats is None else stats, tape,
                    self.solver.staging(self.dtype, self.device), in_backward)
 

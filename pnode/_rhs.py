@@ -1,10 +1,10 @@
 """The user's right-hand side as PETSc sees it: flat vectors in, flat vectors out.
 
-PETSc integrates ``dy/ds = sign * f(t_0 + sign * s, y)`` on flat PETSc-precision
-vectors, from s = 0; ``sign = -1`` turns a decreasing user time grid into an
-increasing one. A problem has one or two *parts*: ``"explicit"`` (PETSc's RHSFunction)
-and ``"implicit"`` (posed as the IFunction ``ydot - f``); IMEX methods use
-both. This module owns every call of the user's functions: evaluations,
+PETSc integrates ``dy/ds = scale * f(t_0 + scale * s, y)`` on flat vectors in its
+precision, from s = 0 to at most 1; a negative ``scale`` turns a decreasing user time
+grid into an increasing one (see :class:`pnode._bridge.Run`). A problem has one or two
+*parts*: ``"explicit"`` (PETSc's RHSFunction) and ``"implicit"`` (posed as the IFunction
+``ydot - f``); IMEX methods use both. This module owns every call of the user's functions: evaluations,
 vector-Jacobian products (VJPs) for the adjoint, Jacobian-vector products
 (JVPs) for Newton-Krylov, and Jacobian blocks for preconditioners.
 
@@ -235,7 +235,7 @@ class FlatLayout:
 class RHS:
     """One call's view of the user's functions: parameters, shapes, dtypes, counters."""
 
-    def __init__(self, parts, params, layout, dtype, device, sign, origin, stats, tape=None, staging=None,
+    def __init__(self, parts, params, layout, dtype, device, scale, origin, stats, tape=None, staging=None,
                  in_backward=False):
         self.parts = parts            # {"explicit": f} and/or {"implicit": f}
         self.params = params          # tensors that need a gradient
@@ -243,7 +243,7 @@ class RHS:
         self.shape = layout.shape
         self.dtype = dtype            # the model's dtype (PETSc's may differ)
         self.device = device
-        self.sign = sign
+        self.scale = scale            # dt/ds: a power of two, negative for a decreasing t
         self.origin = origin          # t_0: the user's time at s = 0
         self.stats = stats
         self.tape = tape
@@ -261,7 +261,14 @@ class RHS:
     # -- evaluation -----------------------------------------------------------------
     def user_time(self, s):
         """The user's time at PETSc's time ``s``."""
-        return self.origin + self.sign * s
+        return self.origin + self.scale * s
+
+    def user_step(self, h):
+        """A PETSc step size in the user's time units."""
+        return None if h is None else abs(self.scale) * h
+
+    def _scaled(self, value):
+        return value if self.scale == 1.0 else value * self.scale
 
     def _time(self, s):
         return torch.scalar_tensor(self.user_time(s), dtype=self.dtype, device=self.device)  # 1.3 us < torch.tensor
@@ -384,12 +391,12 @@ class RHS:
             self.stats.rhs_evals += 1
 
     def value(self, part, s, y_flat):
-        """f(t_0 + sign * s, y) without a graph, shaped like y (the initial-step heuristic uses it too)."""
+        """f(t_0 + scale * s, y) without a graph, shaped like y (the initial-step heuristic uses it too)."""
         with torch.no_grad():
             return self._call(part, s, self._model_input(y_flat, copy=False))
 
     def evaluate(self, part, s, y_flat, out_flat, ts, u, step_size):
-        """out = sign * f(t_0 + sign * s, y); with a tape, keep the graph for the backward.
+        """out = scale * f(t_0 + scale * s, y); with a tape, keep the graph for the backward.
 
         ``ts``, ``u`` and ``step_size`` (the TS, the input Vec, the attempted step) name the
         stage for the tape.
@@ -404,11 +411,11 @@ class RHS:
             self.tape.record(ts.getStepNumber(), part, u.getId(), s, step_size, seen, y_in, out)
             out = out.detach()
         if self.staging is not None:
-            self.staging.to_petsc(out, out_flat, self.sign)
+            self.staging.to_petsc(out, out_flat, self.scale)
         else:
             out_flat.copy_(self.layout.flat(out))
-            if self.sign < 0:
-                out_flat.neg_()
+            if self.scale != 1.0:
+                out_flat.mul_(self.scale)
 
     # -- derivatives ----------------------------------------------------------------
     def _point_graph(self, part, point, y_flat):
@@ -447,9 +454,7 @@ class RHS:
         """
         self.stats.vjps += 1
         y_in, out = self._point_graph(part, point, y_flat)[:2]
-        w = self._model_output(w_flat)
-        if self.sign < 0:
-            w = -w
+        w = self._scaled(self._model_output(w_flat))
         inputs = (y_in, *self.params) if want_params else (y_in,)
         try:
             grads = _vjp(out, inputs, w)
@@ -485,7 +490,7 @@ class RHS:
         return jv
 
     def jvp(self, part, point, y_flat, v_flat):
-        """J v = sign * df/dy v at PETSc's point, by the double-VJP trick.
+        """J v = scale * df/dy v at PETSc's point, by the double-VJP trick.
 
         g(u) = (df/dy)^T u is linear in u, so dg/du^T v = (df/dy) v: one reverse
         pass per product through a graph built once per point, several times
@@ -504,7 +509,7 @@ class RHS:
             return self._derivative_failed(part, point, exc, self._nan_output)
         if jv is None:  # f does not depend on y
             jv = torch.zeros_like(u)
-        return -jv if self.sign < 0 else jv
+        return self._scaled(jv)
 
     def jvps(self, part, point, y_flat, directions):
         """J v for a batch of directions (k, *input shape) in one vmapped reverse pass."""
@@ -515,7 +520,7 @@ class RHS:
             jv = self._differentiate_vjp(g, u, directions, batched=True)
         except Exception as exc:
             return self._derivative_failed(part, point, exc, lambda: self._nan_output(len(directions)))
-        return -jv if self.sign < 0 else jv
+        return self._scaled(jv)
 
     def _jacobian_row(self, part, point, out, y_in, cotangent):
         """(df/dy)^T cotangent, None where f ignores y: rows of the assembled Jacobians."""
@@ -525,7 +530,7 @@ class RHS:
             return self._derivative_failed(part, point, exc, lambda: torch.full_like(y_in, float("nan")))
 
     def jacobian_blocks(self, part, point, y_flat):
-        """Per-sample Jacobians sign * df_b/dy_b, shape (batch, d, d), for y of shape (batch, ...).
+        """Per-sample Jacobians scale * df_b/dy_b, shape (batch, d, d), for y of shape (batch, ...).
 
         Row i of every block comes from one VJP with the cotangent e_i in every
         sample, d VJPs in all. That is exact when f acts sample by sample (the
@@ -543,17 +548,17 @@ class RHS:
             rows.append(torch.zeros(batch, d, dtype=out.dtype, device=out.device) if g is None
                         else g.reshape(batch, d))
         blocks = torch.stack(rows, dim=1).to(device=y_flat.device, dtype=y_flat.dtype)
-        return -blocks if self.sign < 0 else blocks
+        return self._scaled(blocks)
 
     def dense_jacobian(self, part, point, y_flat):
-        """The full Jacobian sign * df/dy, shape (n, n), for small states (one VJP per row)."""
+        """The full Jacobian scale * df/dy, shape (n, n), for small states (one VJP per row)."""
         y_in, out = self._point_graph(part, point, y_flat)[:2]
         n = y_in.numel()
         eye = torch.eye(n, dtype=out.dtype, device=out.device).view(n, *self.shape)
         jac = torch.stack([g.reshape(-1) if g is not None else torch.zeros(n, dtype=out.dtype)
                            for g in (self._jacobian_row(part, point, out, y_in, eye[i]) for i in range(n))])
         jac = jac.to(device=y_flat.device, dtype=y_flat.dtype)
-        return -jac if self.sign < 0 else jac
+        return self._scaled(jac)
 
     @staticmethod
     def write_params(grads, out_views, scale=1.0):

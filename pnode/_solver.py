@@ -218,7 +218,8 @@ class Solver:
             self._nonfinite_time = s
         if self._watch == "raise" and not self.rhs.contain:   # contained: the step fails on every rank
             raise NonFiniteError("func returned NaN or Inf", phase="forward", time=self.rhs.user_time(s),
-                                 step=ts.getStepNumber(), step_size=self._h, hint=self._NONFINITE_HINT)
+                                 step=ts.getStepNumber(), step_size=self.rhs.user_step(self._h),
+                                 hint=self._NONFINITE_HINT)
 
     def rhs_jacobian(self, ts, s, u, J, P):
         self.jac["explicit"].point.set(s, u, ts.getStepNumber())
@@ -274,9 +275,11 @@ class Solver:
                 raise NonFiniteError("func returned NaN or Inf, and the shorter steps PETSc retried with "
                                      "shrank to nothing", phase="forward",
                                      time=self.rhs.user_time(self._nonfinite_time), step=ts.getStepNumber(),
-                                     step_size=self._h, hint="check func for overflow near that time")
+                                     step_size=self.rhs.user_step(self._h),
+                                     hint="check func for overflow near that time")
             raise SolverError("step size underflow: the time no longer advances", phase="forward",
-                              time=self.rhs.user_time(s), step=ts.getStepNumber(), step_size=self._h,
+                              time=self.rhs.user_time(s), step=ts.getStepNumber(),
+                              step_size=self.rhs.user_step(self._h),
                               reason="STEP_SIZE_UNDERFLOW",
                               hint="loosen rtol/atol if the steps collapsed, or split a very long span of t "
                                    "into shorter solves")
@@ -287,7 +290,8 @@ class Solver:
         self.step_sizes.append(self._h)
         if not self._finite(self.u_view, self.u):
             raise NonFiniteError("NaN or Inf in the state", phase="forward", time=self.rhs.user_time(s),
-                                 step=ts.getStepNumber(), step_size=ts.getTimeStep(), hint=self._NONFINITE_HINT)
+                                 step=ts.getStepNumber(), step_size=self.rhs.user_step(ts.getTimeStep()),
+                                 hint=self._NONFINITE_HINT)
 
     @staticmethod
     def _finite(view, vec):
@@ -357,25 +361,26 @@ class Solver:
     def _first_step(self, times, y0):
         cfg = self.config
         span = times[-1] - times[0]
+        unit = abs(self.rhs.scale)   # options are in the user's time units, PETSc's s in these
         if cfg.fixed:
-            return cfg.step_size if cfg.step_size is not None else min(
+            return cfg.step_size / unit if cfg.step_size is not None else min(
                 b - a for a, b in zip(times[:-1], times[1:]))
         # PETSc's theta error estimate needs a previous step, so it accepts the first one
         # unchecked: a user's first_step is capped at the estimate (1.0 gave beuler an
         # error of 3.9 where the default start gave 2e-2).
         unchecked = cfg.method.ts_type == "theta"
         if cfg.first_step is not None and not unchecked:
-            return cfg.first_step
+            return cfg.first_step / unit
         rhs = self.rhs
 
         def f(s, y):
             rhs.count_evaluation()
             y = self._state_tensor_input(y)
             out = sum(rhs.layout.flat(rhs.value(part, s, y)) for part in self.parts).to(y.device, y.dtype)
-            return -out if rhs.sign < 0 else out
+            return out * rhs.scale
         h = initial_step(f, times[0], y0.clone(), cfg.method.order, cfg.rtol, cfg.atol, span,
                          self._sum_over_ranks)
-        return h if cfg.first_step is None else min(cfg.first_step, h)
+        return h if cfg.first_step is None else min(cfg.first_step / unit, h)
 
     # What a distributed state (pnode._grid) does differently for the initial step.
     _state_tensor_input = staticmethod(lambda y: y)
@@ -407,7 +412,8 @@ class Solver:
             # f was NaN or Inf at t0 (the estimate's norms are summed over a Grid's ranks,
             # so every rank gets here); PETSc refused the step with a raw error 63.
             raise NonFiniteError("NaN or Inf in the state's derivative at t0, where the initial step size is "
-                                 "estimated", phase="forward", time=rhs.user_time(times[0]), step=0, step_size=h,
+                                 "estimated", phase="forward", time=rhs.user_time(times[0]), step=0,
+                                 step_size=rhs.user_step(h),
                                  hint="check func and y0 for overflow, or set options['first_step']")
         ts.setTimeStep(h)
         ts.setEvaluationTimes(times)
@@ -462,7 +468,7 @@ class Solver:
         if len(sols) != len(times):
             return SolverError(f"reached {len(sols)} of {len(times)} output times", phase="forward",
                                time=rhs.user_time(ts.getTime()), step=ts.getStepNumber(),
-                               step_size=ts.getTimeStep(), reason="DIVERGED_MAX_STEPS",
+                               step_size=self.rhs.user_step(ts.getTimeStep()), reason="DIVERGED_MAX_STEPS",
                                hint="raise options['max_num_steps']")
         for want, got in zip(times, sol_times):
             # PETSc takes a step as landing on an output time within 1e-6 h relative to
@@ -471,7 +477,7 @@ class Solver:
                 return SolverError(f"PETSc stored the output for t={rhs.user_time(want):.17g} at "
                                    f"t={rhs.user_time(float(got)):.17g}", phase="forward",
                                    time=rhs.user_time(float(got)), step=ts.getStepNumber(),
-                                   step_size=ts.getTimeStep(),
+                                   step_size=self.rhs.user_step(ts.getTimeStep()),
                                    hint="the span of t is too long for its steps in PETSc's time "
                                         "matching; split t into shorter solves")
         return None
@@ -688,5 +694,5 @@ class Solver:
         if message:
             details.insert(0, message)
         return cls("; ".join(details) or "the solver stopped", phase=phase, time=self.rhs.user_time(ts.getTime()),
-                   step=ts.getStepNumber(), step_size=ts.getTimeStep(), residual=residual,
+                   step=ts.getStepNumber(), step_size=self.rhs.user_step(ts.getTimeStep()), residual=residual,
                    reason=name if name not in ("ITERATING", "CONVERGED_ITERATING") else None, hint=hint)
