@@ -373,13 +373,15 @@ class Solver:
             return cfg.first_step / unit
         rhs = self.rhs
 
-        def f(s, y):
+        # In t's units (u = unit * s): Hairer-Norsett-Wanner's estimate is not invariant under a
+        # change of time unit (cn's first step on [0, 2, 1e5] was 1.0, not 0.027, and y(2) 9% off).
+        def f(u, y):
             rhs.count_evaluation()
             y = self._state_tensor_input(y)
-            out = sum(rhs.layout.flat(rhs.value(part, s, y)) for part in self.parts).to(y.device, y.dtype)
-            return out * rhs.scale
-        h = initial_step(f, times[0], y0.clone(), cfg.method.order, cfg.rtol, cfg.atol, span,
-                         self._sum_over_ranks)
+            out = sum(rhs.layout.flat(rhs.value(part, u / unit, y)) for part in self.parts).to(y.device, y.dtype)
+            return out if rhs.scale > 0 else -out
+        h = initial_step(f, times[0] * unit, y0.clone(), cfg.method.order, cfg.rtol, cfg.atol, span * unit,
+                         self._sum_over_ranks) / unit
         return h if cfg.first_step is None else min(cfg.first_step / unit, h)
 
     # What a distributed state (pnode._grid) does differently for the initial step.
