@@ -11,7 +11,7 @@ from torch import nn
 
 
 def buffer_owners(func):
-    """The modules whose buffers func reads: func's own, and those of bound methods (m.dynamics)."""
+    """func's modules, those of bound methods too (m.dynamics): whose buffers and parameters it reads."""
     owners = []
     for f in func if isinstance(func, (tuple, list)) else (func,):
         module = f if isinstance(f, nn.Module) else getattr(f, "__self__", None)

@@ -23,8 +23,8 @@ gradient.
 import warnings
 
 import torch
-from torch import nn
 
+from ._buffers import buffer_owners
 from ._errors import RHSError, caller_level
 from ._petsc import EPS as PETSC_EPS
 
@@ -85,11 +85,7 @@ def _warn_unlisted_leaves(out, y_in, params, parts):
     get no gradient. Parameters of func's own modules left out of ``adjoint_params`` on
     purpose are not reported.
     """
-    own = set()
-    for f in parts.values():
-        module = f if isinstance(f, nn.Module) else getattr(f, "__self__", None)
-        if isinstance(module, nn.Module):
-            own.update(id(p) for p in module.parameters())
+    own = {id(p) for module in buffer_owners(list(parts.values())) for p in module.parameters()}
     known = own | {id(y_in)} | {id(p) for p in params}
     # A listed non-leaf (a context vector, functional_call's tensors) gets its gradient from
     # pnode, and autograd carries it on into its history: that history is not missed.
