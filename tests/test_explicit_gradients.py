@@ -61,6 +61,14 @@ def test_adaptive_steps_match_reference(method):
     assert widths.max() / widths.min() > 1.05
 
 
+@pytest.mark.parametrize("t", [[0.0, 1.5, 3.0], [-3.0, 0.5, 5.0], [0.0, 40.0, 100.0]], ids=["L4", "L8", "L128"])
+@pytest.mark.parametrize("name, options", [("rk4", {"step_size": 0.25}), ("dopri5", {})])
+def test_long_spans_match_reference(name, options, t):
+    """PETSc integrates in s = (t - t_0) / L for spans over 1 (L a power of two): y0 and
+    every parameter against the reference, which steps in t."""
+    _check(pnode.METHODS[name], options, t=torch.tensor(t, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("name", ["rk4", "dopri5", "bosh3"])
 def test_states_memory_mode_matches_reference(name):
     _check(pnode.METHODS[name], {}, memory="states")
