@@ -22,10 +22,10 @@ def _y0():
     return torch.randn(4, 3, generator=g, dtype=torch.float64).requires_grad_()
 
 
-def _compare(func, method, options, t, reference, rtol=1e-4, tol=1e-7):
+def _compare(func, method, options, t, reference, rtol=1e-4, tol=1e-7, atol=1e-6):
     y0 = _y0()
     params = list(func.parameters())
-    ys, stats = pnode.odeint(func, y0, t, method=method, rtol=rtol, atol=1e-6, options=options,
+    ys, stats = pnode.odeint(func, y0, t, method=method, rtol=rtol, atol=atol, options=options,
                              return_stats=True)
     g = torch.autograd.grad(loss_fn(ys), [y0] + params)
     ref = reference(y0, stats.step_times)[output_rows(stats.step_times, t)]
@@ -86,12 +86,8 @@ def test_arkimex_split(method, fixed, jacobian):
     _compare(func, method, options, T_FIXED if fixed else T_ADAPT, reference)
 
 
-@pytest.mark.parametrize("jacobian", JACOBIANS)
-@pytest.mark.parametrize("method", ["beuler", "cn", "arkimex-3"])
-def test_states_memory(method, jacobian):
-    """memory="states" evaluates func again at the stored stages for every product: checked
-    against the reference too, not only against itself under checkpoints."""
-    func = Stiff()
+def _reference_of(func, method):
+    """The reference scheme of a theta or split ARKIMEX method on ``func`` (a Stiff)."""
     m = pnode.METHODS[method]
     if m.kind == "imex":
         def reference(y0, steps):
@@ -99,8 +95,30 @@ def test_states_memory(method, jacobian):
     else:
         def reference(y0, steps):
             return theta_method(func, y0, m.theta, steps, endpoint=m.endpoint)
-    _compare(func, method, {"jacobian": jacobian, "memory": "states"}, T_ADAPT, reference,
+    return reference
+
+
+@pytest.mark.parametrize("jacobian", JACOBIANS)
+@pytest.mark.parametrize("method", ["beuler", "cn", "arkimex-3"])
+def test_states_memory(method, jacobian):
+    """memory="states" evaluates func again at the stored stages for every product: checked
+    against the reference too, not only against itself under checkpoints."""
+    func = Stiff()
+    _compare(func, method, {"jacobian": jacobian, "memory": "states"}, T_ADAPT, _reference_of(func, method),
              rtol=1e-2 if method == "beuler" else 1e-3)
+
+
+@pytest.mark.parametrize("t", [[0.0, 1.5, 3.0], [-3.0, 0.5, 5.0], [0.0, 10.0, 20.0]], ids=["L4", "L8", "L32"])
+@pytest.mark.parametrize("method", ["beuler", "cn", "arkimex-3"])
+def test_long_spans_match_reference(method, t):
+    """PETSc integrates in s = (t - t_0) / L for spans over 1 (L a power of two), so its
+    IFunction, Newton's Jacobians and the adjoint's products all carry L: y0 and every
+    parameter against the reference, which steps in t, adaptive and fixed steps."""
+    func = Stiff()
+    t = torch.tensor(t, dtype=torch.float64)
+    for options in ({}, {"step_size": float(t[-1] - t[0]) / 16}):
+        _compare(func, method, dict(options, jacobian="blockdiag"), t, _reference_of(func, method),
+                 rtol=1e-2, atol=1e-3)
 
 
 class Whole(nn.Module):
