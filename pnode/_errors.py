@@ -100,8 +100,10 @@ class RHSError(PnodeError):
             where.append(f"step {self.step}")
         return f"{self.message} (at {', '.join(where)})" if where else self.message
 
-    def locate(self, *, step=None, phase=None):
+    def locate(self, *, step=None, phase=None, time=None):
         """Add where PETSc was when the call failed (the solver knows, the caller did not)."""
+        if self.time is None:
+            self.time = time
         if self.step is None:
             self.step = step
         if self.phase is None:

@@ -112,6 +112,13 @@ def _not_twice_differentiable(detail):
         "or write func with twice-differentiable operations")
 
 
+def _raise_if_not_twice_differentiable(exc):
+    """torch's two ways of saying f has no double backward: NotImplementedError from an op
+    (torch.cdist), and a RuntimeError from a torch.compile'd f."""
+    if isinstance(exc, NotImplementedError) or "double backward" in str(exc):
+        raise _not_twice_differentiable(f"torch: {exc}") from exc
+
+
 def _check_twice_differentiable(g):
     """Raise if g = (df/dy)^T u silently lost terms that depend on u.
 
@@ -343,7 +350,7 @@ class RHS:
         """An exception from differentiating f (its backward, or a double backward) as an RHSError."""
         try:
             if isinstance(exc, RHSError):
-                return self._failed(exc, exc.__cause__, nan)
+                return self._failed(exc.locate(time=self.user_time(point.time)), exc.__cause__, nan)
             return self._failed(RHSError(f"differentiating {self._name(part)} raised {type(exc).__name__}: {exc}",
                                          time=self.user_time(point.time)), exc, nan)
         finally:   # as in _failed
@@ -469,7 +476,11 @@ class RHS:
             y_in, out = graph[0], graph[1]
             u = torch.zeros_like(out, requires_grad=True)
             with torch.enable_grad():
-                g, = torch.autograd.grad(out, y_in, u, create_graph=True, allow_unused=True)
+                try:
+                    g, = torch.autograd.grad(out, y_in, u, create_graph=True, allow_unused=True)
+                except RuntimeError as exc:  # torch.compile's aot_autograd refuses create_graph here
+                    _raise_if_not_twice_differentiable(exc)
+                    raise
             if g is not None and not self._second_order_checked:
                 self._second_order_checked = True   # once per call: the graph's ops do not change
                 _check_twice_differentiable(g)
@@ -481,8 +492,9 @@ class RHS:
         try:
             jv, = torch.autograd.grad(g, u, v, retain_graph=True, allow_unused=not batched,
                                       is_grads_batched=batched)
-        except NotImplementedError as exc:   # an op with no double backward (torch.cdist)
-            raise _not_twice_differentiable(f"torch: {exc}") from exc
+        except (NotImplementedError, RuntimeError) as exc:
+            _raise_if_not_twice_differentiable(exc)
+            raise
         return jv
 
     def jvp(self, part, point, y_flat, v_flat):

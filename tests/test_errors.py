@@ -830,20 +830,24 @@ class Cube(torch.autograd.Function):
 
 
 @pytest.mark.parametrize("jacobian", ["blockdiag", "matrix-free"])
-@pytest.mark.parametrize("op", ["once_differentiable", "cdist"])
+@pytest.mark.parametrize("op", ["once_differentiable", "cdist", "torch.compile"])
 def test_func_that_is_not_twice_differentiable(jacobian, op):
     """The JVPs of Newton-Krylov differentiate a VJP. torch.cdist raised a bare
     NotImplementedError from inside PETSc; a @once_differentiable backward silently dropped
-    its terms from J v, and Newton failed with DIVERGED_MAX_IT and a hint to shrink the step."""
+    its terms from J v, and Newton failed with DIVERGED_MAX_IT and a hint to shrink the step;
+    a compiled func's RuntimeError was reported without the fix."""
     c = torch.tensor([[0.5, -1.0], [2.0, 0.3]], dtype=torch.float64)
     f = {"once_differentiable": lambda t, y: -2 * Cube.apply(y) - y,
-         "cdist": lambda t, y: -torch.tanh(torch.cdist(y, c)) @ c - 5 * y}[op]
+         "cdist": lambda t, y: -torch.tanh(torch.cdist(y, c)) @ c - 5 * y,
+         "torch.compile": lambda t, y: -torch.tanh(y @ c) - 5 * y}[op]
+    if op == "torch.compile":
+        f = torch.compile(f, backend="aot_eager")   # aot_autograd, without inductor's C++ build
     y0 = torch.tensor([[1.5, -0.5], [0.3, 1.1], [-0.7, 0.2]], dtype=torch.float64)
     t = torch.tensor([0.0, 0.5], dtype=torch.float64)
     opts = {"step_size": 0.1}
     with pytest.raises(RHSError) as info:
         odeint(f, y0, t, method="beuler", options=opts | {"jacobian": jacobian}, adjoint_params=())
-    check(info, "func is not twice differentiable", "options['jacobian']='dense'", "forward solve")
+    check(info, "func is not twice differentiable", "options['jacobian']='dense'", "forward solve, t=0.1")
     odeint(f, y0, t, method="beuler", options=opts | {"jacobian": "dense"}, adjoint_params=())
 
 

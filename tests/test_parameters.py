@@ -5,6 +5,7 @@ tensors derived from other listed tensors, and copies of a used module.
 References are torchdiffeq-style backprop through the same scheme (tests/reference).
 """
 
+import contextlib
 import copy
 import io
 import warnings
@@ -216,6 +217,30 @@ def test_buffers_the_forward_writes_and_reads_refuse_a_recomputing_backward(memo
         ys.pow(2).sum().backward()
 
 
+@pytest.mark.parametrize("backward_in_block", [True, False], ids=["backward-inside", "backward-after"])
+@pytest.mark.parametrize("call", [dict(method="dopri5"), dict(method="beuler", rtol=1e-3),
+                                  rk4({"memory": "states"}), rk4({"checkpoints": 2})],
+                         ids=["dopri5", "beuler-adaptive", "rk4-states", "rk4-checkpoints"])
+def test_parametrize_cached(call, backward_in_block):
+    """Under parametrize.cached() a weight_norm weight is computed once and reused: pnode's
+    evaluations without grad (dopri5's starting step, memory='states') cached one with no
+    history, and its parameters got a zero gradient, silently."""
+    func = Two()
+    nn.utils.parametrizations.weight_norm(func.l1)
+    params = list(func.parameters())
+
+    def grads(cached):
+        with nn.utils.parametrize.cached() if cached else contextlib.nullcontext():
+            loss = pnode.odeint(func, y0_(), T, **call).pow(2).sum()
+            if backward_in_block:
+                return torch.autograd.grad(loss, params)
+        return torch.autograd.grad(loss, params)
+    want = grads(cached=False)
+    assert all(float(g.abs().max()) > 0 for g in want)
+    _same_in_every_mode([want, grads(cached=True)])
+    assert nn.utils.parametrize._cache_enabled == 0
+
+
 @pytest.mark.parametrize("memory_options", [{}] + RECOMPUTING)
 def test_y0_buffer_refilled_before_the_backward(memory_options):
     """Gradient accumulation over batches copied into one input buffer, as torchdiffeq's
@@ -246,6 +271,27 @@ def test_parameters_changed_between_forward_and_backward_raise(memory_options, c
         func.l1.bias.requires_grad_(False)
     with pytest.raises(RuntimeError, match="func's parameters changed between this call's forward and its"):
         ys.sum().backward()
+
+
+@pytest.mark.parametrize("memory_options", [{}] + RECOMPUTING)
+def test_functional_call(memory_options):
+    """torch.func.functional_call swaps tensors in for the forward only (MAML's fast weights):
+    graphs differentiate them exactly; a recomputing backward must refuse, and say why."""
+    func = Two()
+    node = pnode.NeuralODE(func, **rk4(memory_options))
+    fast = {name: (p * 1.5).detach().requires_grad_() for name, p in node.named_parameters()}
+    ys = torch.func.functional_call(node, fast, (y0_(), T))
+    if memory_options:
+        with pytest.raises(RuntimeError, match=r"swapped-in tensors, as in torch.func.functional_call: use memory='graphs'"):
+            ys.sum().backward()
+        return
+    got = torch.autograd.grad(ys.pow(2).sum(), list(fast.values()))
+    with torch.no_grad():
+        for name, p in func.named_parameters():
+            p.copy_(fast["func." + name])
+    want = torch.autograd.grad(explicit_rk(func, y0_(), "4", STEPS)[[0, 5, 10]].pow(2).sum(), list(func.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
 
 
 def test_unfreezing_between_two_forwards_and_one_backward():
