@@ -33,6 +33,19 @@ _BOUNDARIES = {"periodic": PETSc.DMDA.BoundaryType.PERIODIC,
 _STENCILS = {"box": PETSc.DMDA.StencilType.BOX, "star": PETSc.DMDA.StencilType.STAR}
 
 
+def _checksum(p):
+    """The sum of p's bit patterns as integers: equal on ranks that hold the same values.
+
+    Integer sums do not depend on the summation order (threads), as float sums may;
+    overflow wraps alike on every rank.
+    """
+    p = p.detach().reshape(-1)
+    size = p.element_size()
+    bits = torch.int64 if size % 8 == 0 else torch.int32 if size % 4 == 0 else torch.int16 if size % 2 == 0 \
+        else torch.uint8
+    return int(p.view(bits).sum(dtype=torch.int64))
+
+
 def _is_count(value, minimum):
     # numpy's integers too; 4.5 was truncated to 4 by int()
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
@@ -172,6 +185,27 @@ class Grid:
         """
         return _GlobalSum.apply(x, self)
 
+    def replicated(self, x):
+        """``x``, the same on every rank, for use on this rank's block outside the solve.
+
+        The backward sums the parameter gradients of ``func`` over the ranks; a tensor
+        that is also used on this rank's block elsewhere (a decoder applied to ``ys``, an
+        encoder of ``y0``) collects only this rank's share there. Used through
+        ``replicated``, that share is summed over the ranks too (the transpose of "every
+        rank holds the same value"), so ``p.grad`` is the global loss's gradient on every rank.
+        A module used only outside the solve can instead call :meth:`allreduce_gradients`.
+        """
+        return _Replicated.apply(x, self)
+
+    def allreduce_gradients(self, parameters):
+        """Sum ``p.grad`` over the grid's ranks, for parameters used *only* outside the solve.
+
+        ``func``'s parameters arrive summed already; summing theirs again counts them once
+        per rank. For a tensor used in both places, use :meth:`replicated` instead.
+        """
+        from .distributed import allreduce_gradients
+        return allreduce_gradients(parameters, self.comm.tompi4py())
+
     # -- private: used by pnode's bridge and solver cache ---------------------------------
     def _allreduce(self, value):
         """The sum of a tensor over this grid's ranks (a float64 copy)."""
@@ -215,7 +249,8 @@ class Grid:
         ranks' TS take different steps and hang. One allgather compares them all; what a
         rank can refuse alone was refused on every rank already (_agree).
         """
-        arguments = {"t": tuple(times), "parameter shapes": [tuple(p.shape) for p in params]}
+        arguments = {"t": tuple(times), "parameter shapes": [tuple(p.shape) for p in params],
+                     "parameter values (checksums)": [_checksum(p) for p in params]}
         arguments.update((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))
         arguments["method"] = config.method.name
         said = self.comm.tompi4py().allgather(arguments)
@@ -224,7 +259,8 @@ class Grid:
             values = "; ".join(f"{name}: " + ", ".join(f"{a[name]!r} on rank {r}" for r, a in enumerate(said))
                                for name in differ)
             raise ValueError(f"the arguments differ between ranks ({values}): every rank of a Grid must pass "
-                             "the same t, method, rtol, atol, options, petsc_options and parameters")
+                             "the same t, method, rtol, atol, options, petsc_options and parameters (initialise "
+                             "parameters alike on every rank: the same seed, or pnode.distributed.broadcast_)")
         # Every rank is here on every call: the place to destroy dropped solvers. petsc4py
         # only parks a parallel object Python frees (its destruction is collective), so
         # evicted solvers and those of throwaway closures piled up (+300 MB per 100 calls).
@@ -242,6 +278,17 @@ class _GlobalSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+class _Replicated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, grid):
+        ctx.grid = grid
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.grid._allreduce(grad).to(grad.device, grad.dtype), None
 
 
 class GridLayout:

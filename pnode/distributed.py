@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-__all__ = ["comm", "rank", "size", "shard", "allreduce_", "allreduce_gradients", "allreduce_sum",
+__all__ = ["comm", "rank", "size", "shard", "allreduce_", "allreduce_gradients", "allreduce_sum", "broadcast_",
            "abort_on_error"]
 
 
@@ -70,12 +70,37 @@ def allreduce_(tensors, communicator=None):
         return tensors
     flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in tensors])
     c.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
+    _unflatten_into(flat, tensors)
+    return tensors
+
+
+def broadcast_(tensors, root=0, communicator=None):
+    """Overwrite ``tensors`` (a module's parameters, or an iterable) with rank ``root``'s values.
+
+    Every rank must start from the same parameters, as DistributedDataParallel does at
+    construction: a model initialised on each rank with its own seed trains one model
+    per rank, which the summed gradients do not reconcile. (A Grid refuses parameters
+    that differ; a data-parallel solve cannot see them.)
+    """
+    if isinstance(tensors, torch.nn.Module):
+        tensors = tensors.parameters()
+    tensors = list(tensors)
+    c = communicator or comm()
+    if c.Get_size() == 1 or not tensors:
+        return tensors
+    flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in tensors])
+    c.Bcast(flat.numpy(), root=root)
+    with torch.no_grad():
+        _unflatten_into(flat, tensors)
+    return tensors
+
+
+def _unflatten_into(flat, tensors):
     offset = 0
     for t in tensors:
         n = t.numel()
         t.copy_(flat[offset:offset + n].view_as(t))
         offset += n
-    return tensors
 
 
 def allreduce_gradients(parameters, communicator=None):

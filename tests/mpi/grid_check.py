@@ -57,4 +57,24 @@ for kw, method, options in CASES:
     assert max(errors) <= 1e-10, f"rank {rank}: {method} {kw} {options}: errors {errors}"
     print(f"rank {rank}: {method:7s} {str(options):40s} steps {shared[3].steps:3d} "
           f"max rel err {max(errors):.1e}", flush=True)
+
+
+def used_outside(grid):
+    """A decoder parameter used only on this rank's block (summed by grid.allreduce_gradients),
+    and func's own diffusion weight used there too (through grid.replicated): each rank held
+    only its share of those terms, so the replicas drifted apart after an optimizer step."""
+    func = Reaction(seed=3)
+    decoder = torch.nn.Conv2d(2, 2, 1, dtype=torch.float64)
+    y0 = grid.local(initial_field(grid))
+    ys = pnode.odeint(func, y0, t, method="rk4", options={"step_size": 0.05}, grid=grid)
+    decoded = decoder(ys) * grid.replicated(func.diffusion.weight).sum()
+    grid.sum(loss(decoded)).backward()
+    grid.allreduce_gradients(decoder)
+    return [p.grad for p in list(func.parameters()) + list(decoder.parameters())]
+
+
+shared, alone = used_outside(pnode.Grid((8, 6), dof=2)), used_outside(pnode.Grid((8, 6), dof=2, comm=PETSc.COMM_SELF))
+errors = [rel_err(a, b) for a, b in zip(shared, alone)]
+assert max(errors) <= 1e-10, f"rank {rank}: parameters used outside func: errors {errors}"
+print(f"rank {rank}: used outside func max rel err {max(errors):.1e}", flush=True)
 print(f"rank {rank}: grid OK", flush=True)

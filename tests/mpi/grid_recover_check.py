@@ -55,6 +55,17 @@ def gradient(kind=None, **kwargs):
     return w.grad.clone()
 
 
+def differing_parameters():
+    """A model initialised with each rank's own seed: one model per rank, trained on."""
+    with torch.no_grad():
+        w.mul_(1 + rank)
+    try:
+        return gradient(**RK4)
+    finally:
+        with torch.no_grad():
+            w.div_(1 + rank)
+
+
 cases = {
     "forward raise, rk4": lambda: gradient("raise", **RK4),
     "forward raise, beuler": lambda: gradient("raise", **BEULER),
@@ -62,6 +73,7 @@ cases = {
     "NaN at t0, dopri5": lambda: gradient("nan", method="dopri5"),
     "step_size differs": lambda: gradient(method="rk4", options={"step_size": 0.01 * (1 + rank)}),
     "method differs": lambda: gradient(method=["rk4", "dopri5"][rank]),
+    "parameter values differ": lambda: differing_parameters(),
     "y0 shape on rank 1": lambda: pnode.odeint(func, y0[:, :3] if rank else y0, t, adjoint_params=[w], grid=grid, **RK4),
     # Checks each rank made alone: the others' solve paired with rank 1's next call (wrong losses, then a hang).
     "NaN in rank 1's y0": lambda: pnode.odeint(func, y0 * float("nan") if rank else y0, t, adjoint_params=[w],

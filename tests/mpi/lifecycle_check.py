@@ -26,6 +26,14 @@ dist.allreduce_gradients([a, b, frozen, c])
 grads = [None if p.grad is None else p.grad.tolist() for p in (a, b, c)]
 assert grads == [[2.0] * 2, [3.0] * 2, [5.0] * 3], f"rank {rank}: {grads}"
 assert frozen.grad is None
+model = torch.nn.Linear(3, 2).to(torch.float32)   # initialised with each rank's own seed
+torch.manual_seed(rank)
+torch.nn.init.normal_(model.weight)
+dist.broadcast_(model)
+assert model.weight.requires_grad and model.weight.dtype == torch.float32
+assert dist.allreduce_sum(model.weight.detach().clone()).tolist() == (2 * model.weight).tolist(), f"rank {rank}"
+torch.manual_seed(0)
+assert model.weight.tolist() == torch.nn.init.normal_(torch.empty(2, 3)).tolist(), f"rank {rank}: not rank 0's"
 print(f"rank {rank}: allreduce OK", flush=True)
 
 grid = pnode.Grid((32,), dof=1)
