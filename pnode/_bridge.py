@@ -161,8 +161,13 @@ class Run:
         buffer, or a switched requires_grad, would make the re-evaluated f use the new
         tensors while the gradient goes to the old ones.
         """
-        again = (f"the backward evaluates func again (memory={self.config.memory!r}, checkpoints="
-                 f"{self.config.checkpoints}, or a forward recomputed because another call came in between)")
+        if self.config.checkpoints is not None:
+            cause = f"checkpoints={self.config.checkpoints}"
+        elif self.config.memory != "graphs":
+            cause = f"memory={self.config.memory!r}"
+        else:
+            cause = "another call's forward came in between, so this one's is recomputed"
+        again = f"the backward evaluates func again ({cause})"
         # A superset is fine (parameters unfrozen since): the backward differentiates its own list.
         if self.current_params is not None and \
                 not {id(p) for p in self.params} <= {id(p) for p in self.current_params()}:

@@ -43,8 +43,8 @@ _OPTION_DOCS = {
     "checkpoints": "keep at most this many states (>= 1, y0 included) and recompute the rest in the "
                    "backward by the binomial (revolve) schedule; default: store everything",
     "jacobian": f"Newton-Krylov Jacobian of implicit methods: one of {JACOBIANS} (default: 'blockdiag' "
-                "for a batch y0 of 2+ dims with up to 256 entries per sample, 'dense' for a 1-D y0 of up "
-                "to 256 entries, else 'matrix-free'; "
+                "for a batch y0 of 2+ dims, 2+ samples and up to 256 entries per sample, 'dense' for any "
+                "other y0 of up to 256 entries, else 'matrix-free'; "
                 "with a pnode.Grid, 'colored': the stencil's sparse Jacobian assembled from JVPs by "
                 "graph colouring, preconditioned by block Jacobi/ILU across ranks)",
 }
@@ -343,6 +343,11 @@ def _check_petsc_options(method, items, fixed):
                              + ("options['step_size'] fixes them: drop one of the two" if method.embedded else
                                 f"method {method.name!r} has no error estimate: use an adaptive method "
                                 "such as 'dopri5' or 'bosh3'"))
+        if key == "ts_max_snes_failures" and fixed and str(value).strip() not in ("0", "1"):
+            # PETSc retries a failed Newton solve with a quarter of the step: the fixed steps shrank
+            raise ValueError(f"petsc_options['ts_max_snes_failures']={value!r} lets PETSc retry a failed Newton "
+                             "solve with a smaller step, but options['step_size'] fixes the steps: reduce "
+                             "step_size, or drop it for adaptive steps")
         why = _inexact(key, value) if method.kind != "explicit" else None
         if why is not None:
             raise ValueError(f"petsc_options[{key!r}]={value!r} {why}: the adjoint then "

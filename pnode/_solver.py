@@ -19,7 +19,7 @@ import weakref
 
 import torch
 
-from ._errors import NonFiniteError, PnodeError, SolverError
+from ._errors import NonFiniteError, PnodeError, RHSError, SolverError
 from ._initial_step import initial_step
 from ._petsc import PETSc, petsc_message
 from ._rhs import close_times
@@ -408,8 +408,11 @@ class Solver:
         ts.setMaxSteps(self.config.max_num_steps)
         # Solvers are shared by calls that differ in tolerances (not part of the cache key).
         ts.setTolerances(rtol=self.config.rtol, atol=self.config.atol)
-        h = self._first_step(times, self.u_view)
-        self._raise_contained("forward")
+        try:   # func's first calls, before PETSc runs: the estimate of the starting step
+            h = self._first_step(times, self.u_view)
+            self._raise_contained("forward")
+        except RHSError as exc:
+            raise exc.locate(step=0, phase="forward")
         if not (math.isfinite(h) and h > 0):
             # f was NaN or Inf at t0 (the estimate's norms are summed over a Grid's ranks,
             # so every rank gets here); PETSc refused the step with a raw error 63.
