@@ -9,13 +9,11 @@ parameter.
 
 import contextlib
 import math
-import threading
 import time as _time
 import warnings
 from dataclasses import replace
 
 import torch
-from torch.nn.utils import parametrize
 
 from ._checkpoint import Checkpointer
 from ._errors import caller_level
@@ -24,50 +22,18 @@ from ._rhs import RHS, Tape
 from ._stats import Stats
 
 
-def _evaluation_context(device):
-    """Make func one function for the forward's evaluations and the backward's.
+def _autocast_off(device):
+    """Switch off a caller's ``torch.autocast`` for func's evaluations: they run in y's dtype.
 
     The adjoint differentiates the forward's evaluations, and a backward that evaluates
-    func again runs outside the caller's context, so two caller settings are switched off:
-
-    - ``torch.autocast``: func runs in y's dtype. Otherwise func ran in bfloat16 in the
-      forward and float32 in the backward (and its bfloat16 output failed the check that
-      dy/dt has y's dtype).
-    - ``torch.nn.utils.parametrize.cached()``: a parametrized weight (weight_norm, ...)
-      is computed again at every evaluation. The cache kept the weight of the first
-      evaluation, and pnode's evaluations without grad (the starting-step estimate,
-      ``memory="states"``) cached one with no history: every later graph, and the
-      backward's, gave the weight's parameters a zero gradient, silently.
+    func again runs outside the caller's autocast region: func in bfloat16 in the forward
+    and float32 in the backward is not one function. (func's bfloat16 output also failed
+    the check that dy/dt has y's dtype.)
     """
     stack = contextlib.ExitStack()
     for kind in {device.type, "cpu"}:
         stack.enter_context(torch.autocast(kind, enabled=False))
-    stack.enter_context(_parametrize_cache_off())
     return stack
-
-
-_parametrize_lock = threading.Lock()
-_parametrize_depth = 0   # pnode's calls in progress, over every thread
-_parametrize_saved = 0   # the caller's parametrize._cache_enabled, restored when the last ends
-
-
-@contextlib.contextmanager
-def _parametrize_cache_off():
-    # parametrize's switch is a module-level counter; a depth count over pnode's own
-    # threads restores the caller's value once, when the last concurrent call ends.
-    global _parametrize_depth, _parametrize_saved
-    with _parametrize_lock:
-        if _parametrize_depth == 0:
-            _parametrize_saved = parametrize._cache_enabled
-            parametrize._cache_enabled = 0
-        _parametrize_depth += 1
-    try:
-        yield
-    finally:
-        with _parametrize_lock:
-            _parametrize_depth -= 1
-            if _parametrize_depth == 0:
-                parametrize._cache_enabled = _parametrize_saved
 
 
 class Run:
@@ -124,7 +90,7 @@ class Run:
         self.stats.jacobians = 0
         self.stats.linearisations = 0
         self.stats.reset_backward()
-        with self.solver.held() as solver, self.buffers.forward(), _evaluation_context(self.device):
+        with self.solver.held() as solver, self.buffers.forward(), _autocast_off(self.device):
             # Calls that differ only in tolerances share a solver: this call's are set now.
             solver.config = self.config
             # With a checkpoint budget the forward keeps no trajectory, only y0 and the steps.
@@ -166,14 +132,15 @@ class Run:
         elif self.config.memory != "graphs":
             cause = f"memory={self.config.memory!r}"
         else:
-            cause = "another call's forward came in between, so this one's is recomputed"
+            cause = ("its forward is recomputed: a first backward used its trajectory, or another call's "
+                     "forward came in between")
         again = f"the backward evaluates func again ({cause})"
         # A superset is fine (parameters unfrozen since): the backward differentiates its own list.
         if self.current_params is not None and \
                 not {id(p) for p in self.params} <= {id(p) for p in self.current_params()}:
             what, how = "parameters", ("a submodule was replaced, a parameter frozen, or the forward ran on "
                                        "swapped-in tensors, as in torch.func.functional_call: use memory='graphs' "
-                                       "without checkpoints there")
+                                       "without checkpoints there, and one backward per forward")
         else:
             what, how = "modules", self.buffers.changed()
         if how is not None:
@@ -191,7 +158,7 @@ class Run:
 
     def backward(self, grad_ys):
         g = self.layout.to_flat(grad_ys.detach(), lead=1).to(dtype=PETSC_DTYPE, device="cpu")
-        with _evaluation_context(self.device):
+        with _autocast_off(self.device):
             return self._backward(g)
 
     def _backward(self, g):

@@ -35,12 +35,12 @@ class Buffers:
     """The buffers of func's modules as one call's forward left them."""
 
     def __init__(self, roots):
-        self._roots = roots
+        self.roots = roots   # func's modules (buffer_owners)
         self._take()
         self._written = ()
 
     def _take(self):
-        self._modules = [m for root in self._roots for m in root.modules()]
+        self._modules = [m for root in self.roots for m in root.modules()]
         self._entries = self._now()
         self._versions = [b._version for _, _, b in self._entries]
 
@@ -68,7 +68,7 @@ class Buffers:
         Checked here rather than by saving the buffers for autograd, which made every
         backward fail on any edit of any buffer of the model func is a method of.
         """
-        tree = [m for root in self._roots for m in root.modules()]
+        tree = [m for root in self.roots for m in root.modules()]
         now = self._now()
         if len(tree) != len(self._modules) or any(a is not b for a, b in zip(tree, self._modules)) or \
                 len(now) != len(self._entries) or any(

@@ -79,8 +79,8 @@ class RHSError(PnodeError):
 
     The original exception is chained as ``__cause__``. Attributes: ``time``
     (the user's time of the failing call), ``step`` (the index of the step
-    being taken, None before the first step), ``phase`` ("forward" or
-    "backward"; None before PETSc ran) and ``message``.
+    being taken; 0 in the starting-step estimate), ``phase`` ("forward" or
+    "backward"; None for a failure outside a solve) and ``message``.
     """
 
     def __init__(self, message, *, time=None, step=None, phase=None):

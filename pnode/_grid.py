@@ -26,6 +26,7 @@ import torch
 from ._coloring import Coloring
 from ._errors import PnodeError, RHSError
 from ._petsc import DTYPE as PETSC_DTYPE, PETSc, petsc_message
+from ._rhs import evaluating_func
 from ._solver import Solver
 
 _BOUNDARIES = {"periodic": PETSc.DMDA.BoundaryType.PERIODIC,
@@ -194,8 +195,10 @@ class Grid:
         ``replicated``, that share is summed over the ranks too (the transpose of "every
         rank holds the same value"), so ``p.grad`` is the global loss's gradient on every rank.
         A module used only outside the solve can instead call :meth:`allreduce_gradients`.
+        Inside ``func`` it is ``x`` itself: there the backward sums already (summed twice, the
+        gradient was the number of ranks times too large).
         """
-        return _Replicated.apply(x, self)
+        return x if evaluating_func() else _Replicated.apply(x, self)
 
     def allreduce_gradients(self, parameters):
         """Sum ``p.grad`` over the grid's ranks, for parameters used *only* outside the solve.
@@ -242,7 +245,7 @@ class Grid:
             raise ValueError(f"with grid=..., y0 must be a {PETSC_DTYPE} CPU tensor (PETSc's own memory), got "
                              f"{y0.dtype} on {y0.device}; cast inside func if the model differs")
 
-    def _check_state(self, times, config, params):
+    def _check_state(self, times, config, params, frozen=()):
         """Refuse arguments that differ between ranks, on every rank.
 
         Arguments that differ between ranks (method, step size, checkpoints, ...) made the
@@ -250,7 +253,8 @@ class Grid:
         rank can refuse alone was refused on every rank already (_agree).
         """
         arguments = {"t": tuple(times), "parameter shapes": [tuple(p.shape) for p in params],
-                     "parameter values (checksums)": [_checksum(p) for p in params]}
+                     "parameter values (checksums)": [_checksum(p) for p in params],
+                     "frozen parameter values (checksums)": [_checksum(p) for p in frozen]}
         arguments.update((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))
         arguments["method"] = config.method.name
         said = self.comm.tompi4py().allgather(arguments)

@@ -257,8 +257,10 @@ def _integrate(cache, func, y0, t, config, adjoint_params, stats, grid):
 
 
 def _solve(cache, func, y0, times, config, params, buffers, current_params, stats, grid):
-    if grid is not None:
-        grid._check_state(times, config, params)
+    if grid is not None:   # func's frozen parameters must agree too (buffers may not: BatchNorm statistics)
+        listed = {id(p) for p in params}
+        grid._check_state(times, config, params, [p for m in buffers.roots for p in m.parameters()
+                                                  if id(p) not in listed])
     config = config.for_state(y0, grid)
     parts = _parts(func, config.method)
     solver = cache.get(config, y0.numel(), sum(p.numel() for p in params), tuple(sorted(parts)),

@@ -332,6 +332,13 @@ def _inexact(key, value):
     return None
 
 
+def _as_int(value):
+    try:
+        return int(str(value).strip())
+    except ValueError:   # PETSc's "unlimited"
+        return None
+
+
 def _check_petsc_options(method, items, fixed):
     for key, value in items:
         if key in _RESERVED:
@@ -343,7 +350,7 @@ def _check_petsc_options(method, items, fixed):
                              + ("options['step_size'] fixes them: drop one of the two" if method.embedded else
                                 f"method {method.name!r} has no error estimate: use an adaptive method "
                                 "such as 'dopri5' or 'bosh3'"))
-        if key == "ts_max_snes_failures" and fixed and str(value).strip() not in ("0", "1"):
+        if key == "ts_max_snes_failures" and fixed and method.kind != "explicit" and _as_int(value) not in (0, 1):
             # PETSc retries a failed Newton solve with a quarter of the step: the fixed steps shrank
             raise ValueError(f"petsc_options['ts_max_snes_failures']={value!r} lets PETSc retry a failed Newton "
                              "solve with a smaller step, but options['step_size'] fixes the steps: reduce "

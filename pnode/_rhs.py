@@ -20,9 +20,11 @@ VJP is taken at exactly the state PETSc hands over, so both modes give the same
 gradient.
 """
 
+import threading
 import warnings
 
 import torch
+from torch.nn.utils import parametrize
 
 from ._buffers import buffer_owners
 from ._errors import RHSError, caller_level
@@ -104,6 +106,38 @@ def _warn_unlisted_leaves(out, y_in, params, parts):
                       "or pass adjoint_params=(...) including them", stacklevel=caller_level())
 
 
+_local = threading.local()
+
+
+def evaluating_func():
+    """Whether this thread is inside one of pnode's calls of a user's func."""
+    return getattr(_local, "evaluating", False)
+
+
+def _evaluate(fn, t, y):
+    """fn(t, y), marked as pnode's evaluation (:func:`evaluating_func`).
+
+    In a ``torch.nn.utils.parametrize.cached()`` block the cache is emptied before and
+    after: it keeps a parametrized weight (weight_norm, ...) from its first computation
+    on, and an evaluation without grad (the starting-step estimate, ``memory="states"``)
+    cached one with no history, so every later graph, the backward's included, gave the
+    weight's parameters a zero gradient, silently. Each evaluation computes the weight
+    afresh (and may reuse it within itself) and leaves none behind for the caller's code.
+    Emptied, not switched off: the switch is a counter that other threads' blocks change.
+    """
+    outer = evaluating_func()
+    cached = parametrize._cache_enabled
+    _local.evaluating = True
+    if cached:
+        parametrize._cache.clear()
+    try:
+        return fn(t, y)
+    finally:
+        _local.evaluating = outer
+        if cached:
+            parametrize._cache.clear()
+
+
 def _not_twice_differentiable(detail):
     return RHSError(
         f"func is not twice differentiable ({detail}), and Newton-Krylov's Jacobian-vector products "
@@ -112,10 +146,15 @@ def _not_twice_differentiable(detail):
         "or write func with twice-differentiable operations")
 
 
-def _raise_if_not_twice_differentiable(exc):
+def _raise_if_not_twice_differentiable(exc, first_order=False):
     """torch's two ways of saying f has no double backward: NotImplementedError from an op
-    (torch.cdist), and a RuntimeError from a torch.compile'd f."""
-    if isinstance(exc, NotImplementedError) or "double backward" in str(exc):
+    (torch.cdist) in the second differentiation, and a RuntimeError from a torch.compile'd f.
+
+    In the first differentiation (``first_order``) a NotImplementedError means f has no
+    derivative at all (torch.igamma in its first argument): no Jacobian choice helps.
+    """
+    second = not first_order and isinstance(exc, NotImplementedError)
+    if second or (not isinstance(exc, NotImplementedError) and "double backward" in str(exc)):
         raise _not_twice_differentiable(f"torch: {exc}") from exc
 
 
@@ -328,7 +367,7 @@ class RHS:
     def _call(self, part, s, y):
         # The solver adds the step and phase (RHSError.locate) when the error crosses PETSc.
         try:
-            out = self.parts[part](self._time(s), y)
+            out = _evaluate(self.parts[part], self._time(s), y)
         except Exception as exc:
             return self._failed(RHSError(f"{self._name(part)} raised {type(exc).__name__}: {exc}",
                                          time=self.user_time(s)), exc, self._nan_output)
@@ -479,7 +518,7 @@ class RHS:
                 try:
                     g, = torch.autograd.grad(out, y_in, u, create_graph=True, allow_unused=True)
                 except RuntimeError as exc:  # torch.compile's aot_autograd refuses create_graph here
-                    _raise_if_not_twice_differentiable(exc)
+                    _raise_if_not_twice_differentiable(exc, first_order=True)
                     raise
             if g is not None and not self._second_order_checked:
                 self._second_order_checked = True   # once per call: the graph's ops do not change

@@ -68,38 +68,48 @@ def allreduce_(tensors, communicator=None):
     tensors = [t for t in tensors if t is not None]
     if c.Get_size() == 1 or not tensors:
         return tensors
-    flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in tensors])
+    flat = _flatten(tensors)
     c.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
     _unflatten_into(flat, tensors)
     return tensors
 
 
 def broadcast_(tensors, root=0, communicator=None):
-    """Overwrite ``tensors`` (a module's parameters, or an iterable) with rank ``root``'s values.
+    """Overwrite ``tensors`` with rank ``root``'s values: a module's parameters and buffers, or an iterable.
 
-    Every rank must start from the same parameters, as DistributedDataParallel does at
+    Every rank must start from the same model, as DistributedDataParallel makes it at
     construction: a model initialised on each rank with its own seed trains one model
     per rank, which the summed gradients do not reconcile. (A Grid refuses parameters
     that differ; a data-parallel solve cannot see them.)
     """
     if isinstance(tensors, torch.nn.Module):
-        tensors = tensors.parameters()
+        tensors = [*tensors.parameters(), *tensors.buffers()]
     tensors = list(tensors)
     c = communicator or comm()
     if c.Get_size() == 1 or not tensors:
         return tensors
-    flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in tensors])
+    flat = _flatten(tensors)
     c.Bcast(flat.numpy(), root=root)
     with torch.no_grad():
         _unflatten_into(flat, tensors)
     return tensors
 
 
+def _real(t):
+    """t as real numbers (a complex tensor's real and imaginary parts), for one float64 buffer."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _flatten(tensors):
+    return torch.cat([_real(t.detach()).reshape(-1).to("cpu", torch.float64) for t in tensors])
+
+
 def _unflatten_into(flat, tensors):
     offset = 0
     for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t))
+        target = _real(t)
+        n = target.numel()
+        target.copy_(flat[offset:offset + n].view_as(target))
         offset += n
 
 

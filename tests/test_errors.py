@@ -855,6 +855,19 @@ def test_func_that_is_not_twice_differentiable(jacobian, op):
     odeint(f, y0, t, method="beuler", options=opts | {"jacobian": "dense"}, adjoint_params=())
 
 
+@pytest.mark.parametrize("jacobian", ["blockdiag", "matrix-free", "dense"])
+def test_func_with_no_derivative(jacobian):
+    """torch.igamma has no derivative in its first argument: not a double-backward problem, and
+    the 'use dense' advice of one (given here for a while) failed again."""
+    a = torch.tensor(2.0, dtype=torch.float64)
+    y0 = torch.tensor([[1.5, 0.5], [0.3, 1.1], [0.7, 0.2]], dtype=torch.float64)
+    with pytest.raises(RHSError) as info:
+        odeint(lambda t, y: -torch.igamma(y, a) - y, y0, T, method="beuler",
+               options={"step_size": 0.25, "jacobian": jacobian}, adjoint_params=())
+    check(info, "differentiating func raised NotImplementedError", "igamma", "forward solve")
+    assert "twice" not in str(info.value)
+
+
 def test_blockdiag_with_a_0d_state():
     """IndexError from inside PETSc's preconditioner."""
     with pytest.raises(ValueError) as info:

@@ -65,12 +65,15 @@ def used_outside(grid):
     only its share of those terms, so the replicas drifted apart after an optimizer step."""
     func = Reaction(seed=3)
     decoder = torch.nn.Conv2d(2, 2, 1, dtype=torch.float64)
+    scale = torch.nn.Parameter(torch.tensor(0.9, dtype=torch.float64))
     y0 = grid.local(initial_field(grid))
-    ys = pnode.odeint(func, y0, t, method="rk4", options={"step_size": 0.05}, grid=grid)
+    # replicated inside func is the identity: the backward sums func's parameters already
+    ys = pnode.odeint(lambda t, u: grid.replicated(scale) * func(t, u), y0, t, method="rk4",
+                      options={"step_size": 0.05}, grid=grid, adjoint_params=[scale, *func.parameters()])
     decoded = decoder(ys) * grid.replicated(func.diffusion.weight).sum()
     grid.sum(loss(decoded)).backward()
     grid.allreduce_gradients(decoder)
-    return [p.grad for p in list(func.parameters()) + list(decoder.parameters())]
+    return [p.grad for p in [scale, *func.parameters(), *decoder.parameters()]]
 
 
 shared, alone = used_outside(pnode.Grid((8, 6), dof=2)), used_outside(pnode.Grid((8, 6), dof=2, comm=PETSc.COMM_SELF))

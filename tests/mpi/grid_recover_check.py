@@ -66,6 +66,17 @@ def differing_parameters():
             w.div_(1 + rank)
 
 
+class Frozen(torch.nn.Module):
+    """func scaled by a frozen parameter drawn with each rank's own seed (random features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.full((1,), 1.0 + rank, dtype=torch.float64), requires_grad=False)
+
+    def forward(self, t, u):
+        return self.c * func(t, u)
+
+
 cases = {
     "forward raise, rk4": lambda: gradient("raise", **RK4),
     "forward raise, beuler": lambda: gradient("raise", **BEULER),
@@ -74,6 +85,7 @@ cases = {
     "step_size differs": lambda: gradient(method="rk4", options={"step_size": 0.01 * (1 + rank)}),
     "method differs": lambda: gradient(method=["rk4", "dopri5"][rank]),
     "parameter values differ": lambda: differing_parameters(),
+    "frozen parameter values differ": lambda: pnode.odeint(Frozen(), y0, t, adjoint_params=[w], grid=grid, **RK4),
     "y0 shape on rank 1": lambda: pnode.odeint(func, y0[:, :3] if rank else y0, t, adjoint_params=[w], grid=grid, **RK4),
     # Checks each rank made alone: the others' solve paired with rank 1's next call (wrong losses, then a hang).
     "NaN in rank 1's y0": lambda: pnode.odeint(func, y0 * float("nan") if rank else y0, t, adjoint_params=[w],

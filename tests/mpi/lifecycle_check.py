@@ -2,7 +2,8 @@
 
 1. allreduce_gradients with a parameter only one rank used (grad None on the other): it
    was dropped from that rank's flat buffer, so b's and c's gradients were swapped into
-   each other, or the allreduce aborted when their sizes differed.
+   each other, or the allreduce aborted when their sizes differed. broadcast_ gives every
+   rank rank 0's parameters and buffers (complex ones whole: their imaginary part was lost).
 2. Distributed solves with a new closure per call: petsc4py only parks a parallel object
    Python frees, and pnode never destroyed them (+300 MB per 100 calls). PETSc's garbage
    is printed last; the test reads its size.
@@ -29,11 +30,15 @@ assert frozen.grad is None
 model = torch.nn.Linear(3, 2).to(torch.float32)   # initialised with each rank's own seed
 torch.manual_seed(rank)
 torch.nn.init.normal_(model.weight)
+model.register_buffer("features", torch.randn(4, dtype=torch.float64))   # random Fourier features, say
+model.spectrum = torch.nn.Parameter(torch.randn(2, dtype=torch.complex128))
 dist.broadcast_(model)
 assert model.weight.requires_grad and model.weight.dtype == torch.float32
-assert dist.allreduce_sum(model.weight.detach().clone()).tolist() == (2 * model.weight).tolist(), f"rank {rank}"
 torch.manual_seed(0)
-assert model.weight.tolist() == torch.nn.init.normal_(torch.empty(2, 3)).tolist(), f"rank {rank}: not rank 0's"
+want = [torch.nn.init.normal_(torch.empty(2, 3)), torch.randn(4, dtype=torch.float64),
+        torch.randn(2, dtype=torch.complex128)]
+for got, w in zip([model.weight, model.features, model.spectrum], want):
+    assert torch.equal(got.detach(), w.to(got.dtype)), f"rank {rank}: not rank 0's {got} {w}"
 print(f"rank {rank}: allreduce OK", flush=True)
 
 grid = pnode.Grid((32,), dof=1)
