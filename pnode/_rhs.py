@@ -146,16 +146,14 @@ def _not_twice_differentiable(detail):
         "or write func with twice-differentiable operations")
 
 
-def _raise_if_not_twice_differentiable(exc, first_order=False):
-    """torch's two ways of saying f has no double backward: NotImplementedError from an op
-    (torch.cdist) in the second differentiation, and a RuntimeError from a torch.compile'd f.
+def _compiled_refusal(exc):
+    """A torch.compile'd f refusing create_graph (aot_autograd has no double backward).
 
-    In the first differentiation (``first_order``) a NotImplementedError means f has no
-    derivative at all (torch.igamma in its first argument): no Jacobian choice helps.
+    Not a NotImplementedError (a subclass of RuntimeError): raised by the first
+    differentiation, that means f has no derivative at all (torch.igamma in its first
+    argument), and no Jacobian choice helps.
     """
-    second = not first_order and isinstance(exc, NotImplementedError)
-    if second or (not isinstance(exc, NotImplementedError) and "double backward" in str(exc)):
-        raise _not_twice_differentiable(f"torch: {exc}") from exc
+    return not isinstance(exc, NotImplementedError) and "double backward" in str(exc)
 
 
 def _check_twice_differentiable(g):
@@ -517,8 +515,9 @@ class RHS:
             with torch.enable_grad():
                 try:
                     g, = torch.autograd.grad(out, y_in, u, create_graph=True, allow_unused=True)
-                except RuntimeError as exc:  # torch.compile's aot_autograd refuses create_graph here
-                    _raise_if_not_twice_differentiable(exc, first_order=True)
+                except RuntimeError as exc:
+                    if _compiled_refusal(exc):
+                        raise _not_twice_differentiable(f"torch: {exc}") from exc
                     raise
             if g is not None and not self._second_order_checked:
                 self._second_order_checked = True   # once per call: the graph's ops do not change
@@ -531,8 +530,9 @@ class RHS:
         try:
             jv, = torch.autograd.grad(g, u, v, retain_graph=True, allow_unused=not batched,
                                       is_grads_batched=batched)
-        except (NotImplementedError, RuntimeError) as exc:
-            _raise_if_not_twice_differentiable(exc)
+        except RuntimeError as exc:   # NotImplementedError: an op with no double backward (torch.cdist)
+            if isinstance(exc, NotImplementedError) or _compiled_refusal(exc):
+                raise _not_twice_differentiable(f"torch: {exc}") from exc
             raise
         return jv
 

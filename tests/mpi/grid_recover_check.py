@@ -84,7 +84,7 @@ cases = {
     "NaN at t0, dopri5": lambda: gradient("nan", method="dopri5"),
     "step_size differs": lambda: gradient(method="rk4", options={"step_size": 0.01 * (1 + rank)}),
     "method differs": lambda: gradient(method=["rk4", "dopri5"][rank]),
-    "parameter values differ": lambda: differing_parameters(),
+    "parameter values differ": differing_parameters,
     "frozen parameter values differ": lambda: pnode.odeint(Frozen(), y0, t, adjoint_params=[w], grid=grid, **RK4),
     "y0 shape on rank 1": lambda: pnode.odeint(func, y0[:, :3] if rank else y0, t, adjoint_params=[w], grid=grid, **RK4),
     # Checks each rank made alone: the others' solve paired with rank 1's next call (wrong losses, then a hang).
