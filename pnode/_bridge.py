@@ -18,7 +18,7 @@ import torch
 from ._checkpoint import Checkpointer
 from ._errors import caller_level
 from ._petsc import DTYPE as PETSC_DTYPE
-from ._rhs import RHS, Tape
+from ._rhs import RHS, LeafCheck, Tape
 from ._stats import Stats
 
 
@@ -34,6 +34,28 @@ def _autocast_off(device):
     for kind in {device.type, "cpu"}:
         stack.enter_context(torch.autocast(kind, enabled=False))
     return stack
+
+
+# Modules that draw random numbers in training mode (the _DropoutNd family, and RReLU's slopes).
+_RANDOM_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+                   torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout, torch.nn.RReLU)
+
+
+def _refuse_random_modules(roots, again):
+    """Refuse a backward that would evaluate func again when func draws random numbers.
+
+    Its evaluations then draw other dropout masks than the forward's, and the gradient
+    belongs to no function the forward evaluated (5% off, silently, with nn.Dropout(0.3)).
+    Checked on func's modules (thread-safe, unlike watching the global generator, which
+    another thread's model may draw from); functional dropout in func's code is not seen.
+    """
+    found = [name or type(root).__name__ for root in roots for name, m in root.named_modules()
+             if m.training and isinstance(m, _RANDOM_MODULES) and getattr(m, "p", 1) > 0]
+    if found:
+        raise ValueError(f"func's modules {found} draw random numbers in training mode, and {again}, with other "
+                         "random numbers: the gradient would not be the forward's. Use memory='graphs' (the "
+                         "default) without checkpoints, which keeps the forward's evaluations (and one backward "
+                         "per forward), or put those modules in eval mode")
 
 
 class Run:
@@ -71,11 +93,13 @@ class Run:
         self.config = config
         self.stats = stats
         self.y0 = None
+        # Under no_grad nothing is differentiated and nothing is missed.
+        self.leaves = LeafCheck(params, parts) if torch.is_grad_enabled() else None
 
     def _rhs(self, tape, in_backward, stats=None):
         return RHS(self.parts, self.params, self.layout, self.dtype, self.device, self.scale, self.origin,
                    self.stats if stats is None else stats, tape,
-                   self.solver.staging(self.dtype, self.device), in_backward)
+                   self.solver.staging(self.dtype, self.device), in_backward, self.leaves)
 
     def forward(self, y0, need_grad):
         """Integrate; with need_grad, keep what the backward needs."""
@@ -83,6 +107,8 @@ class Run:
         # a backward that integrates again (memory="states", a second backward) started there.
         self.y0 = self.layout.to_flat(y0.detach()).to(dtype=PETSC_DTYPE, device="cpu", copy=True)
         checkpointed = need_grad and self.config.checkpoints is not None
+        if need_grad and (checkpointed or self.config.memory != "graphs"):
+            _refuse_random_modules(self.buffers.roots, self._evaluates_again())
         self.tape = Tape() if need_grad and self.config.memory == "graphs" and not checkpointed else None
         self.stats.method = self.config.method.name
         self.stats.memory = self.config.memory
@@ -95,7 +121,9 @@ class Run:
             solver.config = self.config
             # With a checkpoint budget the forward keeps no trajectory, only y0 and the steps.
             owner = self if need_grad and not checkpointed else None
-            ys = solver.forward(self._rhs(self.tape, in_backward=False), self.y0, self.times, owner=owner)
+            rhs = self._rhs(self.tape, in_backward=False)
+            ys = solver.forward(rhs, self.y0, self.times, owner=owner)
+            rhs.check_end()
             if need_grad:
                 self.recorded = solver.recorded_steps()
         return self.layout.from_flat(ys.to(dtype=self.dtype, device=self.device), lead=1)
@@ -119,6 +147,17 @@ class Run:
         self.stats.backward_seconds = _time.perf_counter() - start
         return grad_y0, grad_p
 
+    def _evaluates_again(self):
+        """Why the backward evaluates func again, as the end of a sentence."""
+        if self.config.checkpoints is not None:
+            cause = f"checkpoints={self.config.checkpoints}"
+        elif self.config.memory != "graphs":
+            cause = f"memory={self.config.memory!r}"
+        else:
+            cause = ("its forward is recomputed: a first backward used its trajectory, or another call's "
+                     "forward came in between")
+        return f"the backward evaluates func again ({cause})"
+
     def _check_same_func(self):
         """Refuse to evaluate func again for the backward if it is made of other tensors now.
 
@@ -127,14 +166,8 @@ class Run:
         buffer, or a switched requires_grad, would make the re-evaluated f use the new
         tensors while the gradient goes to the old ones.
         """
-        if self.config.checkpoints is not None:
-            cause = f"checkpoints={self.config.checkpoints}"
-        elif self.config.memory != "graphs":
-            cause = f"memory={self.config.memory!r}"
-        else:
-            cause = ("its forward is recomputed: a first backward used its trajectory, or another call's "
-                     "forward came in between")
-        again = f"the backward evaluates func again ({cause})"
+        again = self._evaluates_again()
+        _refuse_random_modules(self.buffers.roots, again)
         # A superset is fine (parameters unfrozen since): the backward differentiates its own list.
         if self.current_params is not None and \
                 not {id(p) for p in self.params} <= {id(p) for p in self.current_params()}:
@@ -240,6 +273,34 @@ class _FirstOrderOnly(torch.autograd.Function):
         raise RuntimeError(_SECOND_ORDER)
 
 
+@contextlib.contextmanager
+def _hooks_suspended(params):
+    """Hold back the parameters' gradient hooks (and a non-leaf's retained .grad) meanwhile.
+
+    Each stage's VJP captures the parameters' gradients, and autograd runs a tensor's hooks
+    on every capture: a hook that scales, clips or logs a gradient acted once per stage and
+    then once more on PETSc's sum (``g * 3`` gave 9x over 20 steps, a retained .grad 81x
+    over 80 stages). Suspended, the hooks run once, on the total, as in backprop. (Another
+    thread's backward through the same tensors meanwhile would find them suspended too.)
+    """
+    saved = []
+    for p in params:
+        hooks = p._backward_hooks
+        # The hook object autograd calls reads this dict: emptied, it calls nothing.
+        items = list(hooks.items()) if hooks else []
+        if items:
+            hooks.clear()
+        saved.append((p, items, p.grad if p.retains_grad else None))
+    try:
+        yield
+    finally:
+        for p, items, grad in saved:
+            if items:
+                p._backward_hooks.update(items)
+            if p.retains_grad:
+                p.grad = grad
+
+
 class PnodeFunction(torch.autograd.Function):
     """ys = ODESolve(y0, params); backward by PETSc TSAdjoint."""
 
@@ -272,7 +333,7 @@ class PnodeFunction(torch.autograd.Function):
         create_graph = torch.is_grad_enabled()
         # A backward under inference_mode (PyTorch allows one) made the solver's cached views of
         # its Vecs inference tensors, and every later call of the module failed on them.
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), _hooks_suspended(ctx.run.params):
             grad_y0, grad_params = ctx.run.backward(grad_ys)
         grads = [grad_y0, *grad_params]
         if create_graph:

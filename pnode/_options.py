@@ -166,10 +166,11 @@ def _petsc_options(petsc_options):
                         f"got {type(petsc_options).__name__}")
     items = []
     for key, value in petsc_options.items():
-        if not isinstance(key, str) or not key.lstrip("-"):
+        if not isinstance(key, str) or not key.strip().lstrip("-"):
             raise ValueError(f"petsc_options keys must be PETSc option names like 'ts_adapt_type', got {key!r}")
-        value = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-        items.append((key.lstrip("-"), value))
+        # PETSc reads " 1 " as no integer and " dsp " as no adapter: spaces are never meant
+        value = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value).strip()
+        items.append((key.strip().lstrip("-"), value))
     return tuple(sorted(items))
 
 
@@ -404,7 +405,8 @@ def check_time(t, y0):
                          "the CPU: t.to(y0.device)")
     if t.requires_grad:
         raise ValueError("t requires grad, but pnode does not differentiate with respect to the output "
-                         "times; pass t.detach()")
+                         "times; pass t.detach(). To learn a time span T, integrate over s in [0, 1] with "
+                         "g(s, y) = T * func(T * s, y) and make T a parameter of g: its gradient is then exact")
     times = [float(x) for x in t.detach().cpu().double()]
     if not all(math.isfinite(x) for x in times):
         raise ValueError("t contains NaN or Inf")

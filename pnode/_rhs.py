@@ -104,6 +104,31 @@ def _warn_unlisted_leaves(out, y_in, params, parts):
                       f"parameters of func's modules nor in adjoint_params (shapes {unlisted}): pnode's "
                       "adjoint gives them no gradient. Make them nn.Parameters of func (or of a submodule), "
                       "or pass adjoint_params=(...) including them", stacklevel=caller_level())
+    return bool(unlisted)
+
+
+class LeafCheck:
+    """Where one call looks for tensors func depends on that pnode will not differentiate.
+
+    On two graphs, walked whole: the forward's first evaluation (at t0, given a graph for
+    the purpose when the forward keeps none, and even when nothing is differentiated: a
+    module's layers kept in a plain list have no registered parameters, and the backward
+    failed with PyTorch's "does not require grad") and the first graph the backward or
+    the end of the forward holds, near the end time. A tensor func uses only after t0
+    then warns too (only the first was walked: its gradient was dropped silently, with
+    the default memory mode); one used only in between goes unseen, as walking every
+    stage's graph costs too much. One warning per call, however many pieces a
+    checkpointed backward replays.
+    """
+
+    def __init__(self, params, parts):
+        self.params = params
+        self.parts = parts
+        self.start = self.end = self.warned = False   # checked at t0 / near the end; warned
+
+    def check(self, out, y_in):
+        if not self.warned:
+            self.warned = _warn_unlisted_leaves(out, y_in, self.params, self.parts)
 
 
 _local = threading.local()
@@ -276,7 +301,7 @@ class RHS:
     """One call's view of the user's functions: parameters, shapes, dtypes, counters."""
 
     def __init__(self, parts, params, layout, dtype, device, scale, origin, stats, tape=None, staging=None,
-                 in_backward=False):
+                 in_backward=False, leaves=None):
         self.parts = parts            # {"explicit": f} and/or {"implicit": f}
         self.params = params          # tensors that need a gradient
         self.layout = layout
@@ -291,7 +316,8 @@ class RHS:
         self.in_backward = in_backward  # where a graph built at a point is counted (stats)
         self._graph = None            # ((part, point key), [y_in, out, u, g]) at PETSc's last point
         self._output_views = {}       # id(flat) -> (flat, layout.output(flat)), see output_view
-        self._leaves_checked = False
+        self.leaves = leaves          # the call's LeafCheck, or None (grad off at the call)
+        self._last_graph = None       # (out, y_in) of the forward's latest graph, for LeafCheck's end
         self._second_order_checked = False
         # On a Grid over several ranks an exception must not leave PETSc on one rank only
         # (the others wait in a collective forever): see _failed.
@@ -362,13 +388,25 @@ class RHS:
         """What a contained failure returns in place of f's output (or of products shaped like it)."""
         return torch.full((*lead, *self.layout.out_shape), float("nan"), dtype=self.dtype, device=self.device)
 
+    _IN_PLACE = ("writes y in place, which pnode's y does not allow: it is PETSc's state, or under autograd a "
+                 "copy that the graph records. Write y = y * 2 rather than y.mul_(2) (or y *= 2), or clone y "
+                 "first")
+
     def _call(self, part, s, y):
         # The solver adds the step and phase (RHSError.locate) when the error crosses PETSc.
+        version = y._version
         try:
             out = _evaluate(self.parts[part], self._time(s), y)
         except Exception as exc:
-            return self._failed(RHSError(f"{self._name(part)} raised {type(exc).__name__}: {exc}",
+            # Under a graph PyTorch refuses the write with words about a view made in no_grad mode
+            hint = f"; if func {self._IN_PLACE}" if isinstance(exc, RuntimeError) and y.requires_grad and \
+                ("inplace" in str(exc) or "in-place" in str(exc)) else ""
+            return self._failed(RHSError(f"{self._name(part)} raised {type(exc).__name__}: {exc}{hint}",
                                          time=self.user_time(s)), exc, self._nan_output)
+        if y._version != version:
+            # Without a graph the write went through: into PETSc's stage (dopri5 was 7e-10 off)
+            return self._failed(RHSError(f"{self._name(part)} {self._IN_PLACE}", time=self.user_time(s)), None,
+                                self._nan_output)
         if not isinstance(out, torch.Tensor):
             return self._failed(RHSError(f"{self._name(part)} must return a torch.Tensor shaped like y, got "
                                          f"{type(out).__name__}", time=self.user_time(s)), None,
@@ -394,13 +432,28 @@ class RHS:
             exc = None
 
     def _call_with_grad(self, part, s, y_in):
-        """f(t, y_in) on a graph from y_in; the call's first such graph is searched for hidden leaves."""
+        """f(t, y_in) on a graph from y_in, shown to the call's LeafCheck."""
         with torch.enable_grad():
             out = _with_graph(self._call(part, s, y_in), y_in)
-        if not self._leaves_checked:
-            self._leaves_checked = True
-            _warn_unlisted_leaves(out, y_in, self.params, self.parts)
+        leaves = self.leaves
+        if leaves is not None:
+            if not self.in_backward:
+                if not leaves.start:
+                    leaves.start = True
+                    leaves.check(out, y_in)
+                else:
+                    self._last_graph = (out, y_in)
+            elif not leaves.end:
+                leaves.end = True
+                leaves.check(out, y_in)
         return out
+
+    def check_end(self):
+        """Show the forward's last graph to the LeafCheck (then the backward need not)."""
+        if self._last_graph is not None:
+            self.leaves.end = True
+            self.leaves.check(*self._last_graph)
+            self._last_graph = None
 
     def _seen(self, y_flat):
         """(seen, f's input) for the tape: ``seen`` is what the backward's check compares.
@@ -432,6 +485,8 @@ class RHS:
 
     def value(self, part, s, y_flat):
         """f(t_0 + scale * s, y) without a graph, shaped like y (the initial-step heuristic uses it too)."""
+        if self.leaves is not None and not self.leaves.start and not self.in_backward:
+            return self._call_with_grad(part, s, self._model_input(y_flat, copy=True).requires_grad_()).detach()
         with torch.no_grad():
             return self._call(part, s, self._model_input(y_flat, copy=False))
 

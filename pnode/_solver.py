@@ -277,12 +277,16 @@ class Solver:
                                      time=self.rhs.user_time(self._nonfinite_time), step=ts.getStepNumber(),
                                      step_size=self.rhs.user_step(self._h),
                                      hint="check func for overflow near that time")
-            raise SolverError("step size underflow: the time no longer advances", phase="forward",
-                              time=self.rhs.user_time(s), step=ts.getStepNumber(),
+            # A finite-time blow-up (dy/dt = y^2) ends here too, the steps shrinking towards it
+            largest = self.u.norm(PETSc.NormType.INFINITY)   # collective: every rank is here
+            raise SolverError(f"step size underflow: the time no longer advances (largest |y| {largest:.3g})",
+                              phase="forward", time=self.rhs.user_time(s), step=ts.getStepNumber(),
                               step_size=self.rhs.user_step(self._h),
                               reason="STEP_SIZE_UNDERFLOW",
-                              hint="loosen rtol/atol if the steps collapsed, or split a very long span of t "
-                                   "into shorter solves")
+                              hint="if |y| grew without bound, the solution blows up near this time and no "
+                                   "step gets past it (check func, or end t before it); otherwise loosen "
+                                   "rtol/atol if the steps collapsed, or split a very long span of t into "
+                                   "shorter solves")
         self._step_times.append(s)
         self._nonfinite_time = None   # what a rejected attempt met is behind
         # ts.getTimeStep() is already the next step's size here; the accepted one was

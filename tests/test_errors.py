@@ -78,7 +78,7 @@ BAD_T = [
     ("integer", torch.tensor([0, 1]), TypeError, ["t must be a floating-point tensor", "int64"]),
     ("list", [0.0, 1.0], TypeError, ["t must be a 1-D torch.Tensor", "list"]),
     ("meta device", torch.empty(3, device="meta"), ValueError, ["t is on the meta device"]),
-    ("requires grad", T.clone().requires_grad_(), ValueError, ["t requires grad", "t.detach()"]),
+    ("requires grad", T.clone().requires_grad_(), ValueError, ["t requires grad", "t.detach()", "g(s, y) = T * func(T * s, y)"]),
 ]
 
 
@@ -250,6 +250,18 @@ def test_preconditioner_that_needs_matrix_entries(jacobian, y0, pc):
           "options['jacobian']='dense'", "'none'")
 
 
+def test_petsc_options_with_spaces():
+    """PETSc refused " 1 " as "no integer value" and " dsp " as an unknown adapter."""
+    ys, stats = odeint(minus, Y0, T, adjoint_params=(), return_stats=True,
+                       petsc_options={" ts_adapt_type ": " dsp ", "ts_adapt_dt_max": " 0.05"})
+    want, want_stats = odeint(minus, Y0, T, adjoint_params=(), return_stats=True,
+                              petsc_options={"ts_adapt_type": "dsp", "ts_adapt_dt_max": "0.05"})
+    assert stats.steps == want_stats.steps >= 20   # the step cap took effect
+    torch.testing.assert_close(ys, want, rtol=0, atol=0)
+    odeint(minus, Y0, T, method="beuler", options={"step_size": 0.25}, adjoint_params=(),
+           petsc_options={"ts_max_snes_failures": " 1 "})
+
+
 @pytest.mark.parametrize("jacobian, pc", [("dense", "jacobi"), ("dense", "lu"), ("blockdiag", "none"),
                                           ("matrix-free", "none")])
 def test_preconditioners_that_work(jacobian, pc):
@@ -364,6 +376,8 @@ BAD_RETURNS = [
     ("non-tensor", lambda t, y, net: 0.0, ["must return a torch.Tensor", "float"]),
     ("None", lambda t, y, net: None, ["must return a torch.Tensor", "NoneType"]),
     ("tuple", lambda t, y, net: (y,), ["must return a torch.Tensor", "tuple"]),
+    # PyTorch's words were about a view made in no_grad mode, which the user never made
+    ("y written in place", lambda t, y, net: y.mul_(-1), ["writes y in place", "y = y * 2 rather than y.mul_(2)"]),
 ]
 
 
@@ -374,6 +388,14 @@ def test_func_returns_something_unusable(name, fail, words, method, options):
     with pytest.raises(RHSError) as info:
         NeuralODE(Net(fail=fail), method=method, options=options)(Y0, T)
     check(info, *words, "t=0")
+
+
+@pytest.mark.parametrize("method", ["rk4", "dopri5", "beuler"])
+def test_func_writing_y_in_place_without_grad(method):
+    """Without a graph the write went into PETSc's stage: dopri5's solution was 7e-10 off."""
+    with torch.no_grad(), pytest.raises(RHSError) as info:
+        odeint(lambda t, y: y.mul_(-1), Y0, T, method=method, adjoint_params=())
+    check(info, "func writes y in place", "it is PETSc's state", "forward solve, t=0, step 0")
 
 
 def test_func_returns_something_unusable_later():
@@ -542,6 +564,20 @@ def test_adaptive_steps_shrinking_to_nothing(method, fail, y0, t_stop):
         assert "func returned NaN or Inf" in str(err) or "NaN or Inf in func's output (at t=0.3)" in str(err)
     else:
         assert "NaN or Inf" in str(err) or "underflow" in str(err)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3"])   # cn creeps up to it for 80,000 steps (30 s)
+def test_step_size_underflow_at_a_blow_up_says_so(method):
+    """y' = y^2 from 1 blows up at t = 1: the steps shrink towards it and the message said
+    only "loosen rtol/atol", which does not help."""
+    with pytest.raises(SolverError) as info:
+        odeint(lambda t, y: y * y, torch.ones(1, dtype=torch.float64), torch.tensor([0.0, 2.0], dtype=torch.float64),
+               method=method, adjoint_params=())
+    err = info.value
+    assert err.reason == "STEP_SIZE_UNDERFLOW" and err.time == pytest.approx(1.0, abs=1e-3)
+    largest = float(str(err).split("largest |y| ")[1].split(")")[0])
+    assert largest > 1e9
+    check(info, "the solution blows up near this time")
 
 
 @pytest.mark.parametrize("method, options", [("rk4", {"step_size": 0.25}),

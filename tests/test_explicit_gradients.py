@@ -122,6 +122,7 @@ def test_float32_model_matches_the_float64_reference():
     ys32, stats = pnode.odeint(func32, y32, T.float(), method="dopri5", rtol=1e-5, atol=1e-7, return_stats=True)
     assert ys32.dtype == torch.float32
     g32 = torch.autograd.grad(loss_fn(ys32), [y32] + list(func32.parameters()))
+    assert stats.recomputed_rhs == 0   # the tape's float32 probe found every stage (else 40 of 57 again)
     ref = _reference(func, y0, "5dp", stats.step_times, T)
     g_ref = torch.autograd.grad(loss_fn(ref), [y0] + list(func.parameters()))
     assert rel_err(ys32, ref) <= 1e-6
@@ -322,6 +323,52 @@ def test_hidden_learnable_tensor_warns_and_adjoint_params_fix_it(memory):
     g_ref = torch.autograd.grad(ref[-1].sum(), params)
     for a, b in zip(g, g_ref):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+class LateRate(OutsideRate):
+    """OutsideRate whose hidden tensor enters f only after t = 0.5."""
+
+    def forward(self, t, y):
+        return self.lin(y) - (self.w[0] * y if t > 0.5 else 0)
+
+
+@pytest.mark.parametrize("options", [{}, {"memory": "states"}, {"checkpoints": 2}])
+def test_hidden_tensor_used_only_after_t0_warns_once(options):
+    """Only the call's first graph (t0) was searched: with the default memory mode a tensor f
+    uses later got no gradient, silently; with checkpoints every replayed piece warned again."""
+    w = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    y0 = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        pnode.odeint(LateRate(w), y0, t, method="rk4", options={"step_size": 0.1, **options}).sum().backward()
+    assert [str(r.message)[:60] for r in record] == \
+        ["func's output depends on 1 tensor(s) that require grad but a"]
+
+
+class ListedLayers(nn.Module):
+    """Layers kept in a plain list: the module has no registered parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = [nn.Linear(2, 2).double()]
+
+    def forward(self, t, y):
+        return self.layers[0](y)
+
+
+def test_func_with_no_registered_parameters_warns_at_the_call():
+    """Nothing to differentiate, so the solve kept no graph and searched none: the backward
+    failed with PyTorch's "element 0 of tensors does not require grad"."""
+    y0 = torch.randn(3, 2, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"depends on 2 tensor\(s\) that require grad .*\[\(2, 2\), \(2,\)\]"):
+        ys = pnode.odeint(ListedLayers(), y0, t, method="rk4", options={"step_size": 0.1})
+    assert not ys.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            pnode.odeint(ListedLayers(), y0, t, method="rk4", options={"step_size": 0.1})
 
 
 @pytest.mark.parametrize("memory", ["graphs", "states"])
