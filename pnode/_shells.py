@@ -29,14 +29,13 @@ class PreconditionerError(PnodeError):
 class Point:
     """Where a Jacobian is evaluated: time, state Vec, step index, shift."""
 
-    __slots__ = ("time", "vec", "step", "shift", "scale", "key")
+    __slots__ = ("time", "vec", "step", "shift", "key")
 
     def __init__(self):
         self.time = None
         self.vec = None
         self.step = None
         self.shift = 0.0
-        self.scale = 1.0
         self.key = None
 
     def set(self, time, vec, step, shift=0.0):
@@ -44,7 +43,6 @@ class Point:
         self.vec = vec
         self.step = step
         self.shift = shift
-        self.scale = 1.0
         self.key = (time, vec.getId(), vec.stateGet())
 
 
@@ -59,7 +57,7 @@ class ExplicitJacobian:
         self.point = Point()
 
     def mult(self, mat, x, y):
-        self.bridge.jvp(self.part, self.point, x, y, None, 1.0)
+        self.bridge.jvp(self.part, self.point, x, y, None)
 
     def multTranspose(self, mat, x, y):
         self.bridge.state_vjp(self.part, self.point, x, y, None)
@@ -69,25 +67,23 @@ class ExplicitJacobian:
 
 
 class ImplicitJacobian(ExplicitJacobian):
-    """Shell for dF/dy + shift dF/dydot = scale * (shift * I - d f_ts / dy) of the implicit part.
+    """Shell for dF/dy + shift dF/dydot = shift * I - d f_ts / dy of the implicit part.
 
-    ``scale`` is 1 except after MatScale, which ARKIMEX applies when it solves
-    for the initial slope with a huge shift.
+    No MatScale: ARKIMEX scales the Jacobian only to solve for a DAE's initial
+    slope, and pnode's equations are ODEs (PETSc's default equation type), so
+    PETSc would report the missing operation rather than go on without it.
     """
 
     part = "implicit"
 
     def mult(self, mat, x, y):
-        self.bridge.jvp(self.part, self.point, x, y, self.point.shift, self.point.scale)
+        self.bridge.jvp(self.part, self.point, x, y, self.point.shift)
 
     def multTranspose(self, mat, x, y):
-        self.bridge.state_vjp(self.part, self.point, x, y, self.point.shift, scale=self.point.scale)
+        self.bridge.state_vjp(self.part, self.point, x, y, self.point.shift)
 
     def multTransposeAdd(self, mat, x, v, y):
-        self.bridge.state_vjp(self.part, self.point, x, y, self.point.shift, add=v, scale=self.point.scale)
-
-    def scale(self, mat, a):
-        self.point.scale *= a
+        self.bridge.state_vjp(self.part, self.point, x, y, self.point.shift, add=v)
 
 
 class ZeroJacobian:
@@ -130,10 +126,9 @@ class BlockDiagonalPC:
     (approximate) preconditioner: the Krylov operator stays exact.
     """
 
-    def __init__(self, bridge, point):
+    def __init__(self, bridge):
         # weak: PETSc holds these contexts, a cycle through them is invisible to Python's GC
         self.bridge = weakref.proxy(bridge)
-        self.point = point      # the implicit Jacobian's point, for its scale
         self.pending = None     # (blocks callback, shift) until the first application
         self.lu = None
         self.pivots = None
@@ -158,10 +153,7 @@ class BlockDiagonalPC:
         if self.pending is not None:
             self._factor()
         b = x.view(self.lu.shape[0], -1, 1).to(self.lu.dtype)
-        sol = torch.linalg.lu_solve(self.lu, self.pivots, b, adjoint=adjoint)
-        if self.point.scale != 1.0:
-            sol = sol / self.point.scale
-        y.copy_(sol.reshape(-1))
+        y.copy_(torch.linalg.lu_solve(self.lu, self.pivots, b, adjoint=adjoint).reshape(-1))
 
     def apply(self, pc, x, y):
         self._solve(self.bridge.view(x), self.bridge.view(y), False)

@@ -314,12 +314,10 @@ class Solver:
         # Another dtype stays: _finish's copy or arithmetic casts it, one pass fewer.
         return self.rhs.layout.flat(gy).to(self.u_view.device)
 
-    def _finish(self, value, x, y, shift, add, scale=1.0):
-        """y = value (explicit part) or scale * (shift * x - value) (implicit part), plus ``add``."""
+    def _finish(self, value, x, y, shift, add):
+        """y = value (explicit part) or shift * x - value (implicit part), plus ``add``."""
         if shift is not None:
             value = shift * self.view(x) - value
-            if scale != 1.0:
-                value = scale * value
         yv = self.view(y)
         if add is None:
             yv.copy_(value)
@@ -329,9 +327,9 @@ class Solver:
             torch.add(self.view(add), value, out=yv)
         y.stateIncrease()
 
-    def jvp(self, part, point, x, y, shift, scale):
+    def jvp(self, part, point, x, y, shift):
         jv = self.rhs.jvp(part, point, self.state_input(point.vec), self.direction_input(x))
-        self._finish(self.rhs.layout.flat(jv).to(self.u_view.device), x, y, shift, None, scale)
+        self._finish(self.rhs.layout.flat(jv).to(self.u_view.device), x, y, shift, None)
 
     def _store_gradient(self, gy, y):
         """y = gy, copied (and cast) through a view of y shaped like f's output.
@@ -342,14 +340,14 @@ class Solver:
         self.rhs.output_view(self.view(y)).copy_(gy)
         y.stateIncrease()
 
-    def state_vjp(self, part, point, x, y, shift, add=None, scale=1.0):
+    def state_vjp(self, part, point, x, y, shift, add=None):
         want_p = part in self.pjac
         gy, gp = self.rhs.vjp(part, point, self.state_input(point.vec), self.view(x), want_p)
         if gy is not None and shift is None and add is None:
             self._store_gradient(gy, y)
         else:
             value = self._gradient(gy) if gy is not None else torch.zeros_like(self.u_view)
-            self._finish(value, x, y, shift, add, scale)
+            self._finish(value, x, y, shift, add)
         self._pcache = (part, point.key, x.getId(), x.stateGet(), gp) if want_p else None
 
     def param_vjp(self, part, point, x, y, scale):

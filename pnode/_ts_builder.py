@@ -211,7 +211,7 @@ def build_ts(solver, config, parts, u, mu):
     ts.setSaveTrajectory()
     apply_options(ts)
     if config.jacobian == "blockdiag" and "implicit" in parts and "pc_type" not in user:
-        solver.pc = BlockDiagonalPC(solver, solver.jac["implicit"].point)
+        solver.pc = BlockDiagonalPC(solver)
         pc = ts.getSNES().getKSP().getPC()
         pc.setType(PETSc.PC.Type.PYTHON)
         pc.setPythonContext(solver.pc)

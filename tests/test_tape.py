@@ -31,6 +31,16 @@ def test_newton_iterates_are_superseded_but_stages_with_equal_times_are_not():
     assert tape.lookup(0, "implicit", 75, 0.5, _state(1.0)) is None
 
 
+def test_consecutive_evaluations_on_one_vector_at_other_times_are_kept():
+    """Only an iterate of the same stage solve (same vector, part and time) is superseded:
+    a rejected attempt and its retry at a shorter step reuse the work vector at another time."""
+    tape = Tape()
+    tape.record(0, "implicit", 75, 0.5, 0.1, _state(1.0), None, "attempt at h = 0.5")
+    tape.record(0, "implicit", 75, 0.6, 0.1, _state(2.0), None, "another stage time")
+    assert [e.out for e in tape.steps[0]] == ["attempt at h = 0.5", "another stage time"]
+    assert tape.lookup(0, "implicit", 75, 0.5, _state(1.0)).out == "attempt at h = 0.5"
+
+
 def test_an_equal_state_at_another_time_is_not_a_match():
     """f(t, y) depends on t: a rejected attempt's evaluation of the same state at another
     stage time must not stand in for this one."""
