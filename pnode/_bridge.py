@@ -41,21 +41,28 @@ _RANDOM_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, tor
                    torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout, torch.nn.RReLU)
 
 
-def _refuse_random_modules(roots, again):
-    """Refuse a backward that would evaluate func again when func draws random numbers.
+@contextlib.contextmanager
+def _random_draws_noted(roots, drawn):
+    """Append to ``drawn`` the names of func's modules that draw random numbers in this block.
 
-    Its evaluations then draw other dropout masks than the forward's, and the gradient
-    belongs to no function the forward evaluated (5% off, silently, with nn.Dropout(0.3)).
-    Checked on func's modules (thread-safe, unlike watching the global generator, which
-    another thread's model may draw from); functional dropout in func's code is not seen.
+    Dropout and RReLU in training mode that func calls: a backward that evaluates func again
+    draws other masks, and its gradient belongs to no function the forward evaluated (5% off,
+    silently, with nn.Dropout(0.3)). Watched as called, not as present: the module behind a
+    bound method may hold a Dropout only its other methods use. Functional dropout in func's
+    code is not seen.
     """
-    found = [name or type(root).__name__ for root in roots for name, m in root.named_modules()
-             if m.training and isinstance(m, _RANDOM_MODULES) and getattr(m, "p", 1) > 0]
-    if found:
-        raise ValueError(f"func's modules {found} draw random numbers in training mode, and {again}, with other "
-                         "random numbers: the gradient would not be the forward's. Use memory='graphs' (the "
-                         "default) without checkpoints, which keeps the forward's evaluations (and one backward "
-                         "per forward), or put those modules in eval mode")
+    found = {m: name or type(root).__name__ for root in roots for name, m in root.named_modules()
+             if m.training and isinstance(m, _RANDOM_MODULES) and getattr(m, "p", 1) > 0}
+
+    def note(module, args):
+        if found[module] not in drawn:
+            drawn.append(found[module])
+    handles = [m.register_forward_pre_hook(note) for m in found]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class Run:
@@ -107,8 +114,7 @@ class Run:
         # a backward that integrates again (memory="states", a second backward) started there.
         self.y0 = self.layout.to_flat(y0.detach()).to(dtype=PETSC_DTYPE, device="cpu", copy=True)
         checkpointed = need_grad and self.config.checkpoints is not None
-        if need_grad and (checkpointed or self.config.memory != "graphs"):
-            _refuse_random_modules(self.buffers.roots, self._evaluates_again())
+        self.drawn = []   # func's modules that drew random numbers in this forward
         self.tape = Tape() if need_grad and self.config.memory == "graphs" and not checkpointed else None
         self.stats.method = self.config.method.name
         self.stats.memory = self.config.memory
@@ -116,7 +122,8 @@ class Run:
         self.stats.jacobians = 0
         self.stats.linearisations = 0
         self.stats.reset_backward()
-        with self.solver.held() as solver, self.buffers.forward(), _autocast_off(self.device):
+        with self.solver.held() as solver, self.buffers.forward(), _autocast_off(self.device), \
+                _random_draws_noted(self.buffers.roots if need_grad else (), self.drawn):
             # Calls that differ only in tolerances share a solver: this call's are set now.
             solver.config = self.config
             # With a checkpoint budget the forward keeps no trajectory, only y0 and the steps.
@@ -126,6 +133,8 @@ class Run:
             rhs.check_end()
             if need_grad:
                 self.recorded = solver.recorded_steps()
+        if self.drawn and (checkpointed or self.config.memory != "graphs"):
+            self._refuse_random_draws()
         return self.layout.from_flat(ys.to(dtype=self.dtype, device=self.device), lead=1)
 
     def _checkpointed_backward(self, g):
@@ -147,6 +156,17 @@ class Run:
         self.stats.backward_seconds = _time.perf_counter() - start
         return grad_y0, grad_p
 
+    def _refuse_random_draws(self):
+        if self.config.checkpoints is not None or self.config.memory != "graphs":
+            fix = ("Use memory='graphs' (the default) without checkpoints, which keeps the forward's "
+                   "evaluations, or put those modules in eval mode")
+        else:
+            fix = ("Call backward once per forward, before another call of func, or put those modules in "
+                   "eval mode (for the whole forward and backward)")
+        raise ValueError(f"func's modules {self.drawn} drew random numbers in the forward (training mode), and "
+                         f"{self._evaluates_again()}, with other random numbers: the gradient would not be the "
+                         f"forward's. {fix}")
+
     def _evaluates_again(self):
         """Why the backward evaluates func again, as the end of a sentence."""
         if self.config.checkpoints is not None:
@@ -166,8 +186,9 @@ class Run:
         buffer, or a switched requires_grad, would make the re-evaluated f use the new
         tensors while the gradient goes to the old ones.
         """
+        if self.drawn:
+            self._refuse_random_draws()
         again = self._evaluates_again()
-        _refuse_random_modules(self.buffers.roots, again)
         # A superset is fine (parameters unfrozen since): the backward differentiates its own list.
         if self.current_params is not None and \
                 not {id(p) for p in self.params} <= {id(p) for p in self.current_params()}:
