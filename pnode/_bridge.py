@@ -128,12 +128,12 @@ class Run:
             solver.config = self.config
             # With a checkpoint budget the forward keeps no trajectory, only y0 and the steps.
             owner = self if need_grad and not checkpointed else None
-            rhs = self._rhs(self.tape, in_backward=False)
-            ys = solver.forward(rhs, self.y0, self.times, owner=owner)
-            rhs.check_end()
+            ys = solver.forward(self._rhs(self.tape, in_backward=False), self.y0, self.times, owner=owner)
+            if self.leaves is not None:
+                self.leaves.forward_done()
             if need_grad:
                 self.recorded = solver.recorded_steps()
-        if self.drawn and (checkpointed or self.config.memory != "graphs"):
+        if self.drawn and self._mode_evaluates_again:
             self._refuse_random_draws()
         return self.layout.from_flat(ys.to(dtype=self.dtype, device=self.device), lead=1)
 
@@ -156,8 +156,13 @@ class Run:
         self.stats.backward_seconds = _time.perf_counter() - start
         return grad_y0, grad_p
 
+    @property
+    def _mode_evaluates_again(self):
+        """Whether the memory option itself makes every backward evaluate func again."""
+        return self.config.checkpoints is not None or self.config.memory != "graphs"
+
     def _refuse_random_draws(self):
-        if self.config.checkpoints is not None or self.config.memory != "graphs":
+        if self._mode_evaluates_again:
             fix = ("Use memory='graphs' (the default) without checkpoints, which keeps the forward's "
                    "evaluations, or put those modules in eval mode")
         else:

@@ -125,8 +125,28 @@ class LeafCheck:
         self.params = params
         self.parts = parts
         self.start = self.end = self.warned = False   # checked at t0 / near the end; warned
+        self._last = None                             # (out, y_in) of the forward's latest graph
 
-    def check(self, out, y_in):
+    def saw(self, out, y_in, in_backward):
+        """One of the call's graphs: walked if it is the forward's or the backward's first."""
+        if in_backward:
+            if not self.end:
+                self.end = True
+                self._check(out, y_in)
+        elif not self.start:
+            self.start = True
+            self._check(out, y_in)
+        else:
+            self._last = (out, y_in)
+
+    def forward_done(self):
+        """Walk the forward's last graph (then the backward need not)."""
+        if self._last is not None:
+            self.end = True
+            self._check(*self._last)
+            self._last = None
+
+    def _check(self, out, y_in):
         if not self.warned:
             self.warned = _warn_unlisted_leaves(out, y_in, self.params, self.parts)
 
@@ -317,7 +337,6 @@ class RHS:
         self._graph = None            # ((part, point key), [y_in, out, u, g]) at PETSc's last point
         self._output_views = {}       # id(flat) -> (flat, layout.output(flat)), see output_view
         self.leaves = leaves          # the call's LeafCheck, or None (grad off at the call)
-        self._last_graph = None       # (out, y_in) of the forward's latest graph, for LeafCheck's end
         self._second_order_checked = False
         # On a Grid over several ranks an exception must not leave PETSc on one rank only
         # (the others wait in a collective forever): see _failed.
@@ -435,25 +454,9 @@ class RHS:
         """f(t, y_in) on a graph from y_in, shown to the call's LeafCheck."""
         with torch.enable_grad():
             out = _with_graph(self._call(part, s, y_in), y_in)
-        leaves = self.leaves
-        if leaves is not None:
-            if not self.in_backward:
-                if not leaves.start:
-                    leaves.start = True
-                    leaves.check(out, y_in)
-                else:
-                    self._last_graph = (out, y_in)
-            elif not leaves.end:
-                leaves.end = True
-                leaves.check(out, y_in)
+        if self.leaves is not None:
+            self.leaves.saw(out, y_in, self.in_backward)
         return out
-
-    def check_end(self):
-        """Show the forward's last graph to the LeafCheck (then the backward need not)."""
-        if self._last_graph is not None:
-            self.leaves.end = True
-            self.leaves.check(*self._last_graph)
-            self._last_graph = None
 
     def _seen(self, y_flat):
         """(seen, f's input) for the tape: ``seen`` is what the backward's check compares.
