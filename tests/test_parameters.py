@@ -428,14 +428,15 @@ def test_gradient_hooks_act_once_on_the_total(memory_options):
 
     def f(t, y):
         return func(t, y) + c
-    inputs = [func.l1.weight, c, enc.weight]
-    pnode.odeint(f, y0_(), T, **rk4(memory_options), adjoint_params=(c, *func.parameters())).pow(2).sum().backward(
+    y0 = y0_().requires_grad_()
+    inputs = [y0, *func.parameters(), c, *enc.parameters()]
+    pnode.odeint(f, y0, T, **rk4(memory_options), adjoint_params=(c, *func.parameters())).pow(2).sum().backward(
         inputs=inputs, retain_graph=True)
     got = [x.grad for x in inputs]
     assert sorted(calls) == ["c", "w"]
     for x in inputs:
         x.grad = None
-    explicit_rk(f, y0_(), "4", STEPS)[[0, 5, 10]].pow(2).sum().backward(inputs=inputs)
+    explicit_rk(f, y0, "4", STEPS)[[0, 5, 10]].pow(2).sum().backward(inputs=inputs)
     assert float(c.grad.abs().max()) == 0.5   # the clamp acted on the total
     for a, b in zip(got, [x.grad for x in inputs]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
