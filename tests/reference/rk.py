@@ -96,6 +96,9 @@ def _newton(residual, guess, inputs, newton_tol, max_newton):
     shape = guess.shape
     # A tolerance below the dtype's resolution could never be met.
     tol = max(newton_tol, 16 * torch.finfo(guess.dtype).eps)
+    # Detached: each Jacobian's backward would otherwise walk the inputs' whole history
+    # (every earlier step), quadratic in the number of steps (720 steps: 16x slower).
+    inputs = [x.detach() for x in inputs]
 
     def flat_residual(v):
         return residual(v.view(shape), *inputs).reshape(-1)
