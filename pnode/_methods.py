@@ -42,7 +42,7 @@ _TABLE = [
     _rk("midpoint", "2b", 2, False, "explicit midpoint"),
     _rk("heun", "2a", 2, True, "Heun (explicit trapezoid) with embedded Euler"),
     _rk("rk2", "2a", 2, True, "alias of heun"),
-    _rk("rk3", "3", 3, False, "Kutta's third-order method"),
+    _rk("rk3", "3", 3, False, "PETSc's three-stage third-order RK (c = 0, 2/3, 2/3; b = 1/4, 1/2, 1/4)"),
     _rk("bosh3", "3bs", 3, True, "Bogacki-Shampine 3(2), FSAL"),
     _rk("rk4", "4", 4, False, "classical fourth-order Runge-Kutta"),
     _rk("fehlberg5", "5f", 5, True, "Fehlberg 5(4)"),
