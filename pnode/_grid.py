@@ -18,6 +18,7 @@ communication, and one allreduce after the backward sums them.
 """
 
 import dataclasses
+import math
 import numbers
 
 import numpy as np
@@ -414,6 +415,26 @@ class GridSolver(Solver):
     @staticmethod
     def _finite(view, vec):
         return np.isfinite(vec.sum())  # VecSum: the same verdict on every rank
+
+    def _nonfinite_where(self, view):
+        """The count over all ranks and the first bad entry's rank, grid point and component.
+
+        Collective: called where :meth:`_finite`'s shared verdict makes every rank raise.
+        """
+        bad = ~torch.isfinite(self.rhs.layout.output(view))
+        first = None
+        if bad.any():
+            component, *point = torch.nonzero(bad)[0].tolist()
+            first = (tuple(i + a for i, a in zip(point, self.grid.start)), component)
+        said = self.comm.tompi4py().allgather((int(bad.sum()), first))
+        ranks = [rank for rank, (count, _) in enumerate(said) if count]
+        total = sum(count for count, _ in said)
+        text = f"{total} of {self.grid.dof * math.prod(self.grid.shape)} entries"
+        if not ranks:
+            return text
+        point, component = said[ranks[0]][1]
+        return (f"{text} on {len(ranks)} of {len(said)} ranks, the first on rank {ranks[0]} at grid "
+                f"point {point}, component {component}")
 
     def ijacobian(self, ts, s, u, udot, shift, A, P):
         super().ijacobian(ts, s, u, udot, shift, A, P)

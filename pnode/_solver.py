@@ -217,7 +217,8 @@ class Solver:
         if self._nonfinite_time is None:
             self._nonfinite_time = s
         if self._watch == "raise" and not self.rhs.contain:   # contained: the step fails on every rank
-            raise NonFiniteError("func returned NaN or Inf", phase="forward", time=self.rhs.user_time(s),
+            raise NonFiniteError(f"func returned NaN or Inf ({self._nonfinite_where(out)})", phase="forward",
+                                 time=self.rhs.user_time(s),
                                  step=ts.getStepNumber(), step_size=self.rhs.user_step(self._h),
                                  hint=self._NONFINITE_HINT)
 
@@ -293,7 +294,8 @@ class Solver:
         # seen by the right-hand side, and checkpointing replays it bit for bit.
         self.step_sizes.append(self._h)
         if not self._finite(self.u_view, self.u):
-            raise NonFiniteError("NaN or Inf in the state", phase="forward", time=self.rhs.user_time(s),
+            raise NonFiniteError(f"NaN or Inf in the state ({self._nonfinite_where(self.u_view)})",
+                                 phase="forward", time=self.rhs.user_time(s),
                                  step=ts.getStepNumber(), step_size=self.rhs.user_step(ts.getTimeStep()),
                                  hint=self._NONFINITE_HINT)
 
@@ -301,6 +303,16 @@ class Solver:
     def _finite(view, vec):
         # NaN and Inf survive a sum, and one reduction is far cheaper than isfinite().all()
         return math.isfinite(float(view.sum()))
+
+    def _nonfinite_where(self, view):
+        """How many entries of ``view`` (a state-shaped Vec's) are NaN or Inf, and the first one's index.
+
+        A large state's error is no use without it: a bad input entry or a single
+        unstable component is found by its position. Only on the way to raising.
+        """
+        bad = ~torch.isfinite(self.rhs.layout.output(view))
+        first = tuple(torch.nonzero(bad)[0].tolist()) if bad.any() else None
+        return f"{int(bad.sum())} of {bad.numel()} entries, the first at index {first}"
 
     # -- products for the shells ----------------------------------------------------------
     # Hooks where a distributed state differs (pnode._grid): what f sees of a state or
@@ -589,7 +601,8 @@ class Solver:
         ts.adjointSetSteps(nsteps)
         self._run(ts.adjointSolve, phase="backward")
         if not self._finite(self.lam_view, self.lam):
-            raise NonFiniteError("NaN or Inf in the adjoint", phase="backward",
+            raise NonFiniteError(f"NaN or Inf in the adjoint ({self._nonfinite_where(self.lam_view)})",
+                                 phase="backward",
                                  time=self.rhs.user_time(ts.getTime()), step=ts.getStepNumber(),
                                  hint="the loss gradient or the Jacobian of func overflows")
 

@@ -594,6 +594,37 @@ def test_nonfinite_adjoint_in_the_backward(method, options):
     check(info, "backward solve failed", "NaN or Inf in the adjoint", "Hint:")
 
 
+def _bad_entry(index, after):
+    """dy/dt = -y, with NaN in entry ``index`` of func's output from t = ``after`` on."""
+    def func(t, y):
+        out = -y
+        if float(t) >= after:
+            out = out.clone()
+            out[index] = math.nan
+        return out
+    return func
+
+
+@pytest.mark.parametrize("method, options, where", [("rk4", {"step_size": 0.25}, "NaN or Inf in the state"),
+                                                    ("dopri5", {}, "func returned NaN or Inf")])
+def test_nonfinite_forward_error_says_which_entries(method, options, where):
+    """On a large state the time alone does not find the culprit: the count and the first index."""
+    y0 = torch.ones(4, 2, dtype=torch.float64)
+    with pytest.raises(NonFiniteError) as info:
+        odeint(_bad_entry((2, 1), 0.3), y0, T, method=method, options=options, adjoint_params=())
+    check(info, f"{where} (1 of 8 entries, the first at index (2, 1))")
+
+
+def test_nonfinite_adjoint_error_says_which_entries():
+    y0 = torch.ones(4, 2, dtype=torch.float64, requires_grad=True)
+    ys = odeint(lambda t, y: -y, y0, T, method="rk4", options={"step_size": 0.25}, adjoint_params=())
+    g = torch.zeros_like(ys)
+    g[-1, 1, 0] = g[-1, 3, 1] = math.inf   # -y keeps the entries apart in the adjoint too
+    with pytest.raises(NonFiniteError) as info:
+        ys.backward(g)
+    check(info, "NaN or Inf in the adjoint (2 of 8 entries, the first at index (1, 0))")
+
+
 @pytest.mark.parametrize("method, options", [("rk4", {"step_size": 0.01, "max_num_steps": 5}),
                                              ("dopri5", {"max_num_steps": 2})])
 def test_max_steps_exceeded(method, options):

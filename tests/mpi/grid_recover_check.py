@@ -2,7 +2,7 @@
 
 func raising on rank 1 only (in the forward, in its backward, with an explicit and an
 implicit method), arguments that differ between the ranks, and a func that is NaN at t0
-must give every rank a pnode exception (arguments one rank alone refuses: the same
+or at one point of one rank's block must give every rank a pnode exception (arguments one rank alone refuses: the same
 ValueError), and the next call must give the same gradient as before. Each of these used to leave rank 0 waiting in a collective call forever.
 """
 
@@ -35,6 +35,9 @@ def func(t, u):
         raise FloatingPointError("rank 1 failed on purpose")
     if fault["kind"] == "nan":
         return lap * float("nan")
+    if fault["kind"] == "nan at 11" and rank == 1 and float(t) >= 0.2:
+        lap = lap.clone()
+        lap[0, 11 - grid.start[0]] = float("nan")   # one point of rank 1's block
     return FailingBackward.apply(lap) if fault["kind"] == "backward" else lap
 
 
@@ -82,6 +85,8 @@ cases = {
     "forward raise, beuler": lambda: gradient("raise", **BEULER),
     "backward raise, rk4": lambda: gradient("backward", **RK4),
     "NaN at t0, dopri5": lambda: gradient("nan", method="dopri5"),
+    # euler keeps the NaN where func put it: the message must name that point on both ranks
+    "NaN at one point of rank 1": lambda: gradient("nan at 11", method="euler", options={"step_size": 0.05}),
     "step_size differs": lambda: gradient(method="rk4", options={"step_size": 0.01 * (1 + rank)}),
     "method differs": lambda: gradient(method=["rk4", "dopri5"][rank]),
     "parameter values differ": differing_parameters,
