@@ -55,6 +55,8 @@ def _parameters(func, adjoint_params):
     adjoint_params = _listed(adjoint_params)
     if adjoint_params is None:
         modules = _modules(func)
+        if not modules and not torch.is_grad_enabled():
+            return []   # under torch.no_grad() nothing is differentiated: nothing to find
         if not modules:
             raise ValueError("func is not an nn.Module, so pnode cannot find its parameters: pass "
                              "adjoint_params=(tensors to differentiate), or adjoint_params=() if none")

@@ -33,17 +33,26 @@ if _parse(petsc4py.__version__) < MIN_VERSION:
         "PETSc before 3.21.4 computes wrong parameter gradients for Runge-Kutta stages with "
         f"b_i = 0 (dopri5, midpoint). To upgrade, {INSTALL_HINT}")
 
+# numpy before the variable below: its own BLAS keeps its threads for the user's work.
+import numpy as np  # noqa: E402
+
 # PETSc's vector kernels call BLAS on vectors far too short for threads; an idle
 # OpenBLAS pool spinning on a busy core made one VecAXPY 80x slower in our benchmark.
-# Only the default changes: a user's OPENBLAS_NUM_THREADS is kept.
+# OpenBLAS reads the variable when PETSc loads it; only then, and only PETSc's pool:
+# a user's own OPENBLAS_NUM_THREADS is kept, and none is left for child processes.
+_user_blas_threads = os.environ.get("OPENBLAS_NUM_THREADS")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-if "petsc4py.PETSc" not in sys.modules:  # a user who called petsc4py.init(args) keeps their args
-    # No command-line options: the script's own arguments are not PETSc's. PETSC_OPTIONS
-    # in the environment and pnode's petsc_options still reach PETSc.
-    petsc4py.init([])
-from petsc4py import PETSc  # noqa: E402
-import numpy as np  # noqa: E402
+try:
+    if "petsc4py.PETSc" not in sys.modules:  # a user who called petsc4py.init(args) keeps their args
+        # Not the script's command line: its arguments are not PETSc's (PETSC_OPTIONS in the
+        # environment and pnode's petsc_options still reach PETSc). No signal handlers:
+        # PETSc's turned SIGPIPE (`python train.py | head`) and a forked child's crash into
+        # MPI_Abort, and hid Python's faulthandler stack.
+        petsc4py.init(["-no_signal_handler"])
+    from petsc4py import PETSc  # noqa: E402
+finally:
+    if _user_blas_threads is None:
+        del os.environ["OPENBLAS_NUM_THREADS"]
 import torch  # noqa: E402
 
 PETSC_VERSION = PETSc.Sys.getVersion()
@@ -73,7 +82,3 @@ def petsc_message(error):
     words = [str(e) for e in getattr(error, "_traceback", ()) if "() at " not in str(e)]
     return words[-1] if words else None
 
-
-# PETSc's own message (for example a rejected option value) is otherwise
-# swallowed by petsc4py; the traceback handler prints it next to the Python error.
-PETSc.Sys.pushErrorHandler("traceback")

@@ -187,6 +187,19 @@ def test_module_wrapper_takes_a_callable_with_adjoint_params():
     torch.testing.assert_close(w.grad, -4 * torch.exp(-w.detach()), rtol=1e-6, atol=0)
 
 
+def test_plain_callable_needs_no_adjoint_params_under_no_grad():
+    """Evaluation and plotting code under torch.no_grad() was refused for a missing
+    adjoint_params, though nothing can be differentiated there; in grad mode it still is."""
+    y0 = torch.ones(2, dtype=torch.float64)
+    with torch.no_grad():
+        ys = pnode.odeint(lambda t, y: -y, y0, T, **RK4)
+    with torch.inference_mode():
+        pnode.odeint(lambda t, y: -y, y0, T, **RK4)
+    torch.testing.assert_close(ys[-1], torch.exp(-T[-1]) * y0, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="pass adjoint_params="):
+        pnode.odeint(lambda t, y: -y, y0, T, **RK4)
+
+
 def test_adjoint_params_must_be_a_sequence_not_a_tensor():
     """A bare tensor was iterated into its rows: w got a zero gradient and a warning that it was
     not in adjoint_params."""
