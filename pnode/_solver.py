@@ -266,6 +266,21 @@ class Solver:
             ts.setTimeStep(left if 1.01 * self._fixed_h >= left else self._fixed_h)
 
     _NONFINITE_HINT = "reduce the step size or rtol/atol, or check func for overflow"
+    _NEWTON_CRAWL_HINT = ("the steps shrank to what Newton can solve: if its linear solves fail, try "
+                          "options['jacobian']='dense' (small states), petsc_options={'ksp_max_it': 2000} "
+                          "or another 'pc_type'; else petsc_options={'snes_max_it': 200}; raising "
+                          "max_num_steps only crawls further ({'ts_max_snes_failures': 100} stops sooner)")
+
+    def _newton_crawl(self):
+        """What to say when an adaptive implicit solve ran out of steps or step size with
+        Newton failing along the way ('' when it did not): each failure quartered the step,
+        so a Newton or Krylov solve that cannot converge at reasonable steps creeps on at
+        tiny ones (1e-13 with ksp_max_it=1), and "raise max_num_steps" is the wrong advice."""
+        failed = self.ts.getSNESFailures() if "implicit" in self.parts else 0
+        if failed * 10 < self.ts.getStepNumber():   # an occasional failure is ordinary stiff stepping
+            return ""
+        return (f"{failed} Newton solves failed on the way ({self.ts.getStepNumber()} steps), each retried "
+                f"with a quarter of the step")
 
     def post_step(self, ts):
         s = ts.getTime()
@@ -277,17 +292,20 @@ class Solver:
                                      "shrank to nothing", phase="forward",
                                      time=self.rhs.user_time(self._nonfinite_time), step=ts.getStepNumber(),
                                      step_size=self.rhs.user_step(self._h),
+                                     residual=math.nan if "implicit" in self.parts else None,
                                      hint="check func for overflow near that time")
             # A finite-time blow-up (dy/dt = y^2) ends here too, the steps shrinking towards it
             largest = self.u.norm(PETSc.NormType.INFINITY)   # collective: every rank is here
-            raise SolverError(f"step size underflow: the time no longer advances (largest |y| {largest:.3g})",
+            crawl = self._newton_crawl()
+            raise SolverError(f"step size underflow: the time no longer advances (largest |y| {largest:.3g})"
+                              + (crawl and f"; {crawl}"),
                               phase="forward", time=self.rhs.user_time(s), step=ts.getStepNumber(),
                               step_size=self.rhs.user_step(self._h),
                               reason="STEP_SIZE_UNDERFLOW",
                               hint="if |y| grew without bound, the solution blows up near this time and no "
                                    "step gets past it (check func, or end t before it); otherwise loosen "
                                    "rtol/atol if the steps collapsed, or split a very long span of t into "
-                                   "shorter solves")
+                                   "shorter solves" + (crawl and "; " + self._NEWTON_CRAWL_HINT))
         self._step_times.append(s)
         self._nonfinite_time = None   # what a rejected attempt met is behind
         # ts.getTimeStep() is already the next step's size here; the accepted one was
@@ -485,10 +503,11 @@ class Solver:
             return self._failure("the time integrator stopped", "forward", reason)
         sol_times, sols = ts.getEvaluationSolutions()
         if len(sols) != len(times):
-            return SolverError(f"reached {len(sols)} of {len(times)} output times", phase="forward",
-                               time=rhs.user_time(ts.getTime()), step=ts.getStepNumber(),
+            crawl = self._newton_crawl()
+            return SolverError(f"reached {len(sols)} of {len(times)} output times" + (crawl and f"; {crawl}"),
+                               phase="forward", time=rhs.user_time(ts.getTime()), step=ts.getStepNumber(),
                                step_size=self.rhs.user_step(ts.getTimeStep()), reason="DIVERGED_MAX_STEPS",
-                               hint="raise options['max_num_steps']")
+                               hint=self._NEWTON_CRAWL_HINT if crawl else "raise options['max_num_steps']")
         for want, got in zip(times, sol_times):
             # PETSc takes a step as landing on an output time within 1e-6 h relative to
             # |s|: a span of 1e6 would make that a whole step and shift the outputs.
@@ -670,6 +689,8 @@ class Solver:
         details = []
         if error is not None:
             said = petsc_message(error)
+            if said and self.config.fixed:   # PETSc's advice, which pnode refuses for fixed steps
+                said = said.replace(", increase -ts_max_snes_failures or use unlimited to attempt recovery", "")
             details.append(f"PETSc error {error.ierr}" + (f": {said}" if said else ""))
         residual = None
         nonfinite = error is not None and error.ierr == 72  # PETSC_ERR_FP
@@ -688,6 +709,16 @@ class Solver:
             if snes_reason < 0:
                 snes_name = _enum_name(PETSc.SNES.ConvergedReason, snes_reason)
                 details.append(f"Newton (SNES) {snes_name} after {snes.getIterationNumber()} iterations")
+                _, atol, stol, _ = snes.getTolerances()
+                if snes_name == "DIVERGED_MAX_IT" and stol == 0 and residual <= 1e3 * atol:
+                    # Without the step test (off for line searches whose steps estimate no
+                    # error) a residual at its rounding floor just above snes_atol never ends:
+                    # more iterations do not help (VdP, l2 line search: 1.3-1.5e-14 for 200).
+                    hints["DIVERGED_NONLINEAR_SOLVE"] = (
+                        f"Newton's residual stalled at {residual:.3g}, just above snes_atol {atol:g}: its "
+                        "rounding floor, where more iterations do not help (Newton's step test, which "
+                        "ends such solves, is off for this nonlinear solver or line search). Raise "
+                        f"snes_atol above it: petsc_options={{'snes_atol': {10 * residual:.0e}}}")
                 if "NAN" in snes_name:
                     # PETSc keeps the last finite norm (0 before the first): not the residual that failed
                     nonfinite, residual = True, math.nan
@@ -704,6 +735,10 @@ class Solver:
                     "states), or petsc_options={'ksp_max_it': 2000} / another 'pc_type'")
             if residual is not None and not math.isfinite(residual):
                 nonfinite = True
+            if where.startswith("func's output"):
+                # PETSc keeps the norm of the last residual it finished (2.2 was reported next
+                # to a NaN from func): the failing one held func's NaN
+                residual = math.nan
         hint = hints.get(name)
         cls = SolverError
         if nonfinite:

@@ -4,6 +4,7 @@ says where and why; a failed call leaves the module reusable.
 Each case asserts the exception type and the words of the message a user reads.
 """
 
+import ast
 import math
 import pickle
 import warnings
@@ -16,6 +17,8 @@ from torch.autograd.function import once_differentiable
 import pnode
 from pnode import NeuralODE, NonFiniteError, PnodeError, RHSError, SolverError, odeint
 from pnode._petsc import PETSc
+
+from helpers import rel_err
 
 T = torch.linspace(0.0, 1.0, 3, dtype=torch.float64)
 Y0 = torch.tensor([[1.0, -0.5, 0.25]], dtype=torch.float64)
@@ -561,9 +564,41 @@ def test_adaptive_steps_shrinking_to_nothing(method, fail, y0, t_stop):
     assert err.step_size < 1e-10 and err.hint
     if method == "beuler":   # every retry met the NaN: it was reported as a step size underflow
         assert isinstance(err, NonFiniteError)
+        assert math.isnan(err.residual)
         assert "func returned NaN or Inf" in str(err) or "NaN or Inf in func's output (at t=0.3)" in str(err)
     else:
         assert "NaN or Inf" in str(err) or "underflow" in str(err)
+
+
+@pytest.mark.parametrize("t", [T, T[::2]], ids=["underflow", "rejections"])
+@pytest.mark.parametrize("jacobian, y0", [("blockdiag", torch.ones(2, 3, dtype=torch.float64)),
+                                          ("matrix-free", torch.ones(3, dtype=torch.float64)),
+                                          ("dense", torch.ones(3, dtype=torch.float64))])
+def test_residual_of_a_newton_failure_from_nan_in_func_is_nan(jacobian, y0, t):
+    """When the NaN reached Newton's linear solve first (blockdiag, matrix-free), the error's
+    residual was PETSc's last finished norm (2.2), next to "NaN or Inf in func's output";
+    when the retries shrank the step to nothing it was None."""
+    def func(t, y):
+        return -y * math.nan if float(t) > 0.1 else -y
+    with pytest.raises(NonFiniteError) as info:
+        odeint(func, y0, t, method="beuler", adjoint_params=(), options={"jacobian": jacobian})
+    assert math.isnan(info.value.residual)
+    assert info.value.time == pytest.approx(0.1, abs=1e-6)
+
+
+def test_newton_stalled_at_its_rounding_floor_gets_a_hint_that_works():
+    """Under an l2 line search (no step test) the residual sat at 1.3-1.5e-14, just above
+    snes_atol, and the hint said raise snes_max_it, which stalls the same way."""
+    def van_der_pol(t, y):
+        return torch.stack([y[1], 100 * (1 - y[0] ** 2) * y[1] - y[0]])
+    y0, t = torch.tensor([2.0, 0.0], dtype=torch.float64), torch.linspace(0, 0.5, 3, dtype=torch.float64)
+    run = dict(method="beuler", adjoint_params=(), options={"step_size": 0.01})
+    with pytest.raises(SolverError) as info:
+        odeint(van_der_pol, y0, t, **run, petsc_options={"snes_linesearch_type": "l2"})
+    check(info, "DIVERGED_MAX_IT", "stalled at", "Raise snes_atol above it: petsc_options={'snes_atol': ")
+    advice = info.value.hint.split("petsc_options=")[1]
+    ys = odeint(van_der_pol, y0, t, **run, petsc_options={"snes_linesearch_type": "l2", **ast.literal_eval(advice)})
+    assert rel_err(ys, odeint(van_der_pol, y0, t, **run)) <= 1e-12
 
 
 @pytest.mark.parametrize("method", ["dopri5", "bosh3"])   # cn creeps up to it for 80,000 steps (30 s)
@@ -578,6 +613,21 @@ def test_step_size_underflow_at_a_blow_up_says_so(method):
     largest = float(str(err).split("largest |y| ")[1].split(")")[0])
     assert largest > 1e9
     check(info, "the solution blows up near this time")
+
+
+def test_adaptive_newton_failing_on_and_on_is_named_not_max_num_steps():
+    """Krylov solves that cannot converge (one iteration allowed, no preconditioner) made each
+    failed Newton solve quarter the step until it succeeded at dt ~ 1e-13: after max_num_steps
+    the error said only "raise max_num_steps" (the default 1e6 would take about 20 minutes)."""
+    def van_der_pol(t, y):
+        return torch.stack([y[1], 100 * (1 - y[0] ** 2) * y[1] - y[0]])
+    with pytest.raises(SolverError) as info:
+        odeint(van_der_pol, torch.tensor([2.0, 0.0], dtype=torch.float64), T, method="beuler",
+               adjoint_params=(), options={"jacobian": "matrix-free", "max_num_steps": 300},
+               petsc_options={"ksp_max_it": 1})
+    assert info.value.reason == "DIVERGED_MAX_STEPS" and info.value.time < 1e-6
+    check(info, "Newton solves failed on the way (300 steps)", "raising max_num_steps only crawls further",
+          "ksp_max_it")
 
 
 @pytest.mark.parametrize("method, options", [("rk4", {"step_size": 0.25}),
