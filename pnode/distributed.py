@@ -20,6 +20,7 @@ instead of a batch, see :class:`pnode.Grid`.
 
 import sys
 
+import numpy as np
 import torch
 
 __all__ = ["comm", "rank", "size", "shard", "allreduce_", "allreduce_gradients", "allreduce_sum", "broadcast_",
@@ -79,8 +80,8 @@ def broadcast_(tensors, root=0, communicator=None):
 
     Every rank must start from the same model, as DistributedDataParallel makes it at
     construction: a model initialised on each rank with its own seed trains one model
-    per rank, which the summed gradients do not reconcile. (A Grid refuses parameters
-    that differ; a data-parallel solve cannot see them.)
+    per rank, which the summed gradients do not reconcile (a Grid and
+    :func:`allreduce_gradients` refuse parameters that differ).
     """
     if isinstance(tensors, torch.nn.Module):
         tensors = [*tensors.parameters(), *tensors.buffers()]
@@ -93,6 +94,18 @@ def broadcast_(tensors, root=0, communicator=None):
     with torch.no_grad():
         _unflatten_into(flat, tensors)
     return tensors
+
+
+def _same_on_every_rank(tensors, c):
+    """Whether ``tensors`` hold the same values on every rank: one allreduce of two integers."""
+    from mpi4py import MPI
+
+    from ._grid import _checksum
+    total = sum(_checksum(t) for t in tensors)
+    total = (total + 2 ** 62) % 2 ** 63 - 2 ** 62   # wrapped: its negative is an int64 too
+    extremes = np.array([total, -total], dtype=np.int64)
+    c.Allreduce(MPI.IN_PLACE, extremes, op=MPI.MAX)
+    return extremes[0] == -extremes[1]
 
 
 def _real(t):
@@ -123,10 +136,17 @@ def allreduce_gradients(parameters, communicator=None):
     if isinstance(parameters, torch.nn.Module):
         parameters = parameters.parameters()
     trained = [p for p in parameters if p.requires_grad]
+    c = communicator or comm()
+    if c.Get_size() > 1 and not _same_on_every_rank(trained, c):
+        # Summed gradients of different models train none of them; each rank's solve is
+        # its own (COMM_SELF), so this is the one place the ranks meet to see it.
+        raise ValueError("allreduce_gradients: the parameter values differ between ranks (checksums of their "
+                         "bits), so each rank trains its own model: call pnode.distributed.broadcast_(model) "
+                         "once before training, and give every rank the same optimizer steps")
     for p in trained:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    return allreduce_([p.grad for p in trained], communicator)
+    return allreduce_([p.grad for p in trained], c)
 
 
 def abort_on_error():

@@ -49,6 +49,22 @@ errors = [rel_err(loss_dp, loss_full), rel_err(gy_local, dist.shard(gy_full))]
 errors += [rel_err(a, b) for a, b in zip(gp_dp, gp_full)]
 assert max(errors) <= 1e-12, f"rank {rank}: data-parallel errors {errors}"
 
+# A model initialised with each rank's own seed: refused on every rank, not averaged silently
+with torch.no_grad():
+    first = next(func.parameters())
+    first[0] += 1e-12 * rank
+grads(func, dist.shard(y0))
+try:
+    dist.allreduce_gradients(func)
+    raise AssertionError(f"rank {rank}: differing parameters were not refused")
+except ValueError as exc:
+    assert "parameter values differ between ranks" in str(exc), str(exc)
+with torch.no_grad():
+    first[0] -= 1e-12 * rank
+dist.broadcast_(func)
+grads(func, dist.shard(y0))
+dist.allreduce_gradients(func)   # the same values again: accepted
+
 # the same step through torch.distributed DistributedDataParallel (gloo over loopback)
 import torch.distributed as tdist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
