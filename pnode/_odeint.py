@@ -51,11 +51,17 @@ def _listed(adjoint_params):
     return None if adjoint_params is None else tuple(adjoint_params)
 
 
+def _forward_ad_level():
+    """The innermost forward-mode AD level (-1 outside any): no_grad does not stop dual
+    tensors, and a closure over one must not lose its tangent silently."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1)
+
+
 def _parameters(func, adjoint_params):
     adjoint_params = _listed(adjoint_params)
     if adjoint_params is None:
         modules = _modules(func)
-        if not modules and not torch.is_grad_enabled():
+        if not modules and not torch.is_grad_enabled() and _forward_ad_level() < 0:
             return []   # under torch.no_grad() nothing is differentiated: nothing to find
         if not modules:
             raise ValueError("func is not an nn.Module, so pnode cannot find its parameters: pass "
@@ -364,7 +370,7 @@ class NeuralODE(nn.Module):
         self.grid = grid
         self.config = _make_config(grid, method, rtol, atol, options, petsc_options)
         self.adjoint_params = _listed(adjoint_params)
-        _parameters(func, self.adjoint_params)   # a plain callable without adjoint_params fails here, not later
+        _parameters(func, self.adjoint_params)   # a plain callable without adjoint_params fails here (grad mode)
         self.stats = Stats()
         self._cache = _SolverCache()
 

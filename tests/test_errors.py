@@ -565,7 +565,7 @@ def test_adaptive_steps_shrinking_to_nothing(method, fail, y0, t_stop):
     if method == "beuler":   # every retry met the NaN: it was reported as a step size underflow
         assert isinstance(err, NonFiniteError)
         assert math.isnan(err.residual)
-        assert "func returned NaN or Inf" in str(err) or "NaN or Inf in func's output (at t=0.3)" in str(err)
+        assert "func returned NaN or Inf" in str(err) or "NaN or Inf in func's output (at t=0.3; " in str(err)
     else:
         assert "NaN or Inf" in str(err) or "underflow" in str(err)
 
@@ -584,6 +584,34 @@ def test_residual_of_a_newton_failure_from_nan_in_func_is_nan(jacobian, y0, t):
         odeint(func, y0, t, method="beuler", adjoint_params=(), options={"jacobian": jacobian})
     assert math.isnan(info.value.residual)
     assert info.value.time == pytest.approx(0.1, abs=1e-6)
+
+
+def test_stiff_runs_out_of_steps_without_a_crawl_is_told_to_raise_max_num_steps():
+    """ARKIMEX on Van der Pol (mu 1000, rtol 1e-3) fails more Newton solves than it takes steps
+    while its steps stay large: the crawl note said raising max_num_steps would not help, where
+    it does."""
+    def van_der_pol(t, y):
+        return torch.stack([y[1], 1000 * (1 - y[0] ** 2) * y[1] - y[0]])
+    with pytest.raises(SolverError) as info:
+        odeint(van_der_pol, torch.tensor([2.0, 0.0], dtype=torch.float64), torch.linspace(0, 3000, 4, dtype=torch.float64),
+               method="arkimex", rtol=1e-3, atol=1e-3, adjoint_params=(),
+               options={"jacobian": "dense", "max_num_steps": 60})
+    assert info.value.hint == "raise options['max_num_steps']"
+    assert "Newton solves failed" not in str(info.value)
+
+
+def test_newton_failure_hints_fit_the_case():
+    """Only a residual at pnode's own rounding-level snes_atol is "stalled" (a user's
+    snes_atol=1e-6 under qn got that hint and a looser tolerance than it needed); PETSc's
+    "increase -ts_max_snes_failures" is not quoted for fixed steps, where pnode refuses it."""
+    def van_der_pol(t, y):
+        return torch.stack([y[1], 100 * (1 - y[0] ** 2) * y[1] - y[0]])
+    y0, t = torch.tensor([2.0, 0.0], dtype=torch.float64), torch.linspace(0, 0.5, 3, dtype=torch.float64)
+    with pytest.raises(SolverError) as info:
+        odeint(van_der_pol, y0, t, method="beuler", adjoint_params=(), options={"step_size": 0.01},
+               petsc_options={"snes_type": "qn", "snes_atol": 1e-6, "snes_max_it": 5})
+    check(info, "DIVERGED_MAX_IT", "snes_max_it")
+    assert "stalled" not in str(info.value) and "ts_max_snes_failures" not in str(info.value)
 
 
 def test_newton_stalled_at_its_rounding_floor_gets_a_hint_that_works():
@@ -656,7 +684,9 @@ def _bad_entry(index, after):
 
 
 @pytest.mark.parametrize("method, options, where", [("rk4", {"step_size": 0.25}, "NaN or Inf in the state"),
-                                                    ("dopri5", {}, "func returned NaN or Inf")])
+                                                    ("dopri5", {}, "func returned NaN or Inf"),
+                                                    ("beuler", {}, "func returned NaN or Inf"),
+                                                    ("arkimex", {}, "func returned NaN or Inf")])
 def test_nonfinite_forward_error_says_which_entries(method, options, where):
     """On a large state the time alone does not find the culprit: the count and the first index."""
     y0 = torch.ones(4, 2, dtype=torch.float64)

@@ -198,6 +198,12 @@ def test_plain_callable_needs_no_adjoint_params_under_no_grad():
     torch.testing.assert_close(ys[-1], torch.exp(-T[-1]) * y0, rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="pass adjoint_params="):
         pnode.odeint(lambda t, y: -y, y0, T, **RK4)
+    # no_grad does not stop forward-mode AD: a closure over a dual tensor would lose its tangent
+    import torch.autograd.forward_ad as fwAD
+    with torch.no_grad(), fwAD.dual_level():
+        w = fwAD.make_dual(torch.tensor(0.5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+        with pytest.raises(ValueError, match="pass adjoint_params="):
+            pnode.odeint(lambda t, y: -w * y, y0, T, **RK4)
 
 
 def test_adjoint_params_must_be_a_sequence_not_a_tensor():
