@@ -421,12 +421,11 @@ class GridSolver(Solver):
 
         Collective: called where :meth:`_finite`'s shared verdict makes every rank raise.
         """
-        bad = ~torch.isfinite(self.rhs.layout.output(view))
-        first = None
-        if bad.any():
-            component, *point = torch.nonzero(bad)[0].tolist()
+        count, _, first = self._nonfinite_entries(view)
+        if first is not None:
+            component, *point = first
             first = (tuple(i + a for i, a in zip(point, self.grid.start)), component)
-        said = self.comm.tompi4py().allgather((int(bad.sum()), first))
+        said = self.comm.tompi4py().allgather((count, first))
         ranks = [rank for rank, (count, _) in enumerate(said) if count]
         total = sum(count for count, _ in said)
         text = f"{total} of {self.grid.dof * math.prod(self.grid.shape)} entries"

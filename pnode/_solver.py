@@ -268,6 +268,7 @@ class Solver:
             ts.setTimeStep(left if 1.01 * self._fixed_h >= left else self._fixed_h)
 
     _NONFINITE_HINT = "reduce the step size or rtol/atol, or check func for overflow"
+
     def _newton_crawl(self):
         """(what to add to the message, the hint) when an adaptive implicit solve ran out of
         steps or step size crawling with Newton failing, else ("", "").
@@ -329,15 +330,21 @@ class Solver:
         # NaN and Inf survive a sum, and one reduction is far cheaper than isfinite().all()
         return math.isfinite(float(view.sum()))
 
+    def _nonfinite_entries(self, view):
+        """(how many entries of ``view``, a state-shaped Vec's, are NaN or Inf, of how many; the
+        first one's index in f's output shape, or None)."""
+        bad = ~torch.isfinite(self.rhs.layout.output(view))
+        first = tuple(torch.nonzero(bad)[0].tolist()) if bad.any() else None
+        return int(bad.sum()), bad.numel(), first
+
     def _nonfinite_where(self, view):
-        """How many entries of ``view`` (a state-shaped Vec's) are NaN or Inf, and the first one's index.
+        """How many entries of ``view`` are NaN or Inf, and the first one's index.
 
         A large state's error is no use without it: a bad input entry or a single
         unstable component is found by its position. Only on the way to raising.
         """
-        bad = ~torch.isfinite(self.rhs.layout.output(view))
-        first = tuple(torch.nonzero(bad)[0].tolist()) if bad.any() else None
-        return f"{int(bad.sum())} of {bad.numel()} entries, the first at index {first}"
+        count, total, first = self._nonfinite_entries(view)
+        return f"{count} of {total} entries, the first at index {first}"
 
     # -- products for the shells ----------------------------------------------------------
     # Hooks where a distributed state differs (pnode._grid): what f sees of a state or
@@ -702,7 +709,8 @@ class Solver:
         residual = None
         nonfinite = error is not None and error.ierr == 72  # PETSC_ERR_FP
         where = "the state" if phase == "forward" else "the adjoint"
-        if phase == "forward" and self._nonfinite_time is not None:
+        from_func = phase == "forward" and self._nonfinite_time is not None
+        if from_func:
             # the attempts PETSc rejected met a NaN from func (see _watch_output)
             nonfinite = True
             where = f"func's output (at t={self.rhs.user_time(self._nonfinite_time):.6g}; {self._nonfinite_at})"
@@ -744,7 +752,7 @@ class Solver:
                     "states), or petsc_options={'ksp_max_it': 2000} / another 'pc_type'")
             if residual is not None and not math.isfinite(residual):
                 nonfinite = True
-            if where.startswith("func's output"):
+            if from_func:
                 # PETSc keeps the norm of the last residual it finished (2.2 was reported next
                 # to a NaN from func): the failing one held func's NaN
                 residual = math.nan

@@ -590,8 +590,7 @@ def test_stiff_runs_out_of_steps_without_a_crawl_is_told_to_raise_max_num_steps(
     """ARKIMEX on Van der Pol (mu 1000, rtol 1e-3) fails more Newton solves than it takes steps
     while its steps stay large: the crawl note said raising max_num_steps would not help, where
     it does."""
-    def van_der_pol(t, y):
-        return torch.stack([y[1], 1000 * (1 - y[0] ** 2) * y[1] - y[0]])
+    van_der_pol = _van_der_pol(1000)
     with pytest.raises(SolverError) as info:
         odeint(van_der_pol, torch.tensor([2.0, 0.0], dtype=torch.float64), torch.linspace(0, 3000, 4, dtype=torch.float64),
                method="arkimex", rtol=1e-3, atol=1e-3, adjoint_params=(),
@@ -604,8 +603,7 @@ def test_newton_failure_hints_fit_the_case():
     """Only a residual at pnode's own rounding-level snes_atol is "stalled" (a user's
     snes_atol=1e-6 under qn got that hint and a looser tolerance than it needed); PETSc's
     "increase -ts_max_snes_failures" is not quoted for fixed steps, where pnode refuses it."""
-    def van_der_pol(t, y):
-        return torch.stack([y[1], 100 * (1 - y[0] ** 2) * y[1] - y[0]])
+    van_der_pol = _van_der_pol(100)
     y0, t = torch.tensor([2.0, 0.0], dtype=torch.float64), torch.linspace(0, 0.5, 3, dtype=torch.float64)
     with pytest.raises(SolverError) as info:
         odeint(van_der_pol, y0, t, method="beuler", adjoint_params=(), options={"step_size": 0.01},
@@ -617,8 +615,7 @@ def test_newton_failure_hints_fit_the_case():
 def test_newton_stalled_at_its_rounding_floor_gets_a_hint_that_works():
     """Under an l2 line search (no step test) the residual sat at 1.3-1.5e-14, just above
     snes_atol, and the hint said raise snes_max_it, which stalls the same way."""
-    def van_der_pol(t, y):
-        return torch.stack([y[1], 100 * (1 - y[0] ** 2) * y[1] - y[0]])
+    van_der_pol = _van_der_pol(100)
     y0, t = torch.tensor([2.0, 0.0], dtype=torch.float64), torch.linspace(0, 0.5, 3, dtype=torch.float64)
     run = dict(method="beuler", adjoint_params=(), options={"step_size": 0.01})
     with pytest.raises(SolverError) as info:
@@ -647,8 +644,7 @@ def test_adaptive_newton_failing_on_and_on_is_named_not_max_num_steps():
     """Krylov solves that cannot converge (one iteration allowed, no preconditioner) made each
     failed Newton solve quarter the step until it succeeded at dt ~ 1e-13: after max_num_steps
     the error said only "raise max_num_steps" (the default 1e6 would take about 20 minutes)."""
-    def van_der_pol(t, y):
-        return torch.stack([y[1], 100 * (1 - y[0] ** 2) * y[1] - y[0]])
+    van_der_pol = _van_der_pol(100)
     with pytest.raises(SolverError) as info:
         odeint(van_der_pol, torch.tensor([2.0, 0.0], dtype=torch.float64), T, method="beuler",
                adjoint_params=(), options={"jacobian": "matrix-free", "max_num_steps": 300},
@@ -670,6 +666,13 @@ def test_nonfinite_adjoint_in_the_backward(method, options):
         ys.backward(g)
     assert info.value.phase == "backward" and info.value.step is not None
     check(info, "backward solve failed", "NaN or Inf in the adjoint", "Hint:")
+
+
+def _van_der_pol(mu):
+    """Van der Pol's oscillator as a first-order system: stiff for large mu."""
+    def func(t, y):
+        return torch.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])
+    return func
 
 
 def _bad_entry(index, after):
